@@ -1,0 +1,229 @@
+"""The prepared dataset: the one contract every stage after ``prepare`` reads.
+
+Layout of a prepared folder::
+
+    index.json          classes (background first), splits, image paths, image-level labels,
+                        provenance
+    masks.zarr/         ground-truth masks (uint8, 0 background, 1..C, 255 ignore), one array
+                        per image that has a mask (a store of :mod:`seco_cli.store`)
+    images/             images the source supplied as arrays (synthetic data), PNG
+    cooccurrence.json   per split: images per class and per class pair
+
+Importers yield :class:`Sample` objects and call :func:`write_prepared`; stages open a
+:class:`PreparedDataset`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seco_cli.data.images import load_image, save_png
+from seco_cli.errors import DataError, MissingInputError, SecoError
+from seco_cli.store import StoreReader, StoreWriter
+
+INDEX = "index.json"
+COOC = "cooccurrence.json"
+FORMAT_VERSION = 1
+IGNORE = 255
+
+
+@dataclass
+class Sample:
+    """One image as an importer sees it.
+
+    ``image`` is a path to an image file (referenced, not copied) or an ``(H, W, 3) uint8``
+    array (written under ``images/``). ``mask`` is ``(H, W) uint8`` or ``None`` (no ground
+    truth, e.g. a test split). ``labels`` are class indices 1..C; ``None`` derives them from
+    the mask.
+    """
+
+    id: str
+    image: Path | np.ndarray
+    mask: np.ndarray | None = None
+    labels: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
+    values = np.unique(mask)
+    return [int(v) for v in values if 1 <= v <= num_classes]
+
+
+def _cooccurrence(labels: dict[str, list[int]], ids: list[str], num_classes: int) -> dict[str, Any]:
+    pair = np.zeros((num_classes, num_classes), dtype=np.int64)  # foreground classes 1..C
+    for i in ids:
+        idx = np.asarray(labels[i], dtype=np.int64) - 1
+        if idx.size:
+            pair[np.ix_(idx, idx)] += 1
+    return {"images": len(ids), "class_counts": np.diag(pair).tolist(), "pair_counts": pair.tolist()}
+
+
+def write_prepared(
+    out_dir: str | Path,
+    *,
+    source: str,
+    classes: list[str],
+    splits: dict[str, list[str]],
+    samples: Iterable[Sample],
+    provenance: dict[str, Any],
+    on_sample: Callable[[Sample], None] | None = None,
+) -> dict[str, Any]:
+    """Write a prepared dataset and return its summary (the ``prepare`` metrics).
+
+    ``classes`` starts with ``background``. Every id in ``splits`` must be yielded exactly once
+    by ``samples``. The folder is written under a temporary name and moved into place at the
+    end, so an interrupted ``prepare`` leaves no dataset that looks complete.
+    """
+    out_dir = Path(out_dir)
+    if not classes or classes[0] != "background":
+        raise SecoError("class list must start with 'background'", source)
+    num_classes = len(classes) - 1
+    wanted = {i for ids in splits.values() for i in ids}
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "images").mkdir(parents=True)
+    masks = StoreWriter(tmp / "masks.zarr", "masks", {"provenance": provenance, "classes": classes})
+    images: dict[str, str] = {}
+    labels: dict[str, list[int]] = {}
+    with_mask: list[str] = []
+    for s in samples:
+        if s.id in images:
+            raise DataError(f"duplicate image id '{s.id}'", source, "make ids unique in the lists")
+        if s.id not in wanted:
+            continue
+        if isinstance(s.image, np.ndarray):
+            if s.image.ndim != 3 or s.image.shape[2] != 3 or s.image.dtype != np.uint8:
+                raise SecoError(f"image '{s.id}' must be (H, W, 3) uint8", source)
+            rel = f"images/{s.id}.png"
+            save_png(tmp / rel, s.image)
+            images[s.id] = rel
+        else:
+            images[s.id] = str(Path(s.image).resolve())
+        if s.mask is not None:
+            mask = np.asarray(s.mask)
+            bad = (mask > num_classes) & (mask != IGNORE)
+            if bad.any():
+                raise DataError(
+                    f"mask of '{s.id}' holds value {int(mask[bad][0])}, not a class index",
+                    source, f"masks hold 0..{num_classes} and {IGNORE} (ignore)",
+                )
+            masks.write(s.id, mask.astype(np.uint8))
+            with_mask.append(s.id)
+        lab = s.labels if s.labels is not None else (
+            labels_from_mask(s.mask, num_classes) if s.mask is not None else [])
+        if any(not 1 <= c <= num_classes for c in lab):
+            raise DataError(f"labels of '{s.id}' are outside 1..{num_classes}", source)
+        labels[s.id] = sorted(set(int(c) for c in lab))
+        if on_sample:
+            on_sample(s)
+    missing = sorted(wanted - set(images))
+    if missing:
+        raise DataError(f"{len(missing)} listed ids have no image (first: '{missing[0]}')", source,
+                        "fix the split lists or add the images")
+    masks.finish()
+    index = {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "classes": classes,
+        "splits": splits,
+        "images": images,
+        "labels": labels,
+        "provenance": provenance,
+    }
+    (tmp / INDEX).write_text(json.dumps(index))
+    cooc = {"classes": classes[1:], **{
+        name: _cooccurrence(labels, ids, num_classes) for name, ids in splits.items()}}
+    (tmp / COOC).write_text(json.dumps(cooc))
+    if out_dir.exists():
+        if not (out_dir / INDEX).exists() and any(out_dir.iterdir()):
+            raise SecoError(f"refusing to overwrite '{out_dir}': not a prepared dataset", str(out_dir),
+                            "move it away or choose another output path")
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return summarize(index, cooc, with_mask)
+
+
+def summarize(index: dict[str, Any], cooc: dict[str, Any], with_mask: list[str]) -> dict[str, Any]:
+    classes = index["classes"]
+    summary: dict[str, Any] = {
+        "source": index["source"],
+        "num_classes": len(classes) - 1,
+        "images_with_masks": len(with_mask),
+        "splits": {},
+    }
+    for name, ids in index["splits"].items():
+        c = cooc[name]
+        pairs = np.triu(np.asarray(c["pair_counts"]), k=1) if c["pair_counts"] else np.zeros((0, 0))
+        top = [
+            {"a": classes[a + 1], "b": classes[b + 1], "images": int(pairs[a, b])}
+            for a, b in zip(*np.unravel_index(np.argsort(-pairs, axis=None)[:5], pairs.shape))
+            if pairs.size and pairs[a, b] > 0
+        ]
+        n_labels = [len(index["labels"][i]) for i in ids]
+        summary["splits"][name] = {
+            "images": len(ids),
+            "empty_images": int(sum(n == 0 for n in n_labels)),
+            "mean_labels_per_image": float(np.mean(n_labels)) if n_labels else 0.0,
+            "class_counts": dict(zip(classes[1:], c["class_counts"])),
+            "top_pairs": top,
+        }
+    return summary
+
+
+class PreparedDataset:
+    """Read side of the contract. Images are read on demand; masks from the Zarr store."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index_file = self.path / INDEX
+        if not index_file.is_file():
+            raise MissingInputError(f"prepared dataset '{self.path}' does not exist",
+                                    str(self.path), "run `seco prepare` first")
+        index = json.loads(index_file.read_text())
+        if index.get("format_version") != FORMAT_VERSION:
+            raise MissingInputError(f"prepared dataset '{self.path}' has an unknown format",
+                                    str(self.path), "run `seco prepare` again")
+        self.index = index
+        self.classes: list[str] = index["classes"]
+        self.num_classes = len(self.classes) - 1
+        self.splits: dict[str, list[str]] = index["splits"]
+        self._labels: dict[str, list[int]] = index["labels"]
+        self._images: dict[str, str] = index["images"]
+        self.masks = StoreReader(self.path / "masks.zarr", "masks", stage_hint="prepare")
+        self.cooccurrence = json.loads((self.path / COOC).read_text())
+
+    def ids(self, split: str) -> list[str]:
+        if split not in self.splits:
+            raise SecoError(f"split '{split}' is not in the prepared dataset", str(self.path),
+                            f"use one of: {', '.join(self.splits)}")
+        return list(self.splits[split])
+
+    def labels(self, image_id: str) -> list[int]:
+        return self._labels[image_id]
+
+    def label_vector(self, image_id: str) -> np.ndarray:
+        vec = np.zeros(self.num_classes, dtype=np.float32)
+        for c in self._labels[image_id]:
+            vec[c - 1] = 1.0
+        return vec
+
+    def image_path(self, image_id: str) -> Path:
+        p = Path(self._images[image_id])
+        return p if p.is_absolute() else self.path / p
+
+    def image(self, image_id: str) -> np.ndarray:
+        return load_image(self.image_path(image_id))
+
+    def has_mask(self, image_id: str) -> bool:
+        return image_id in self.masks
+
+    def mask(self, image_id: str) -> np.ndarray:
+        return self.masks.read(image_id)

@@ -1,0 +1,312 @@
+"""Every parameter of the pipeline, typed and validated (pydantic).
+
+``params.yaml`` has one section per stage plus the shared ``data`` and ``model`` sections.
+Loading rejects unknown keys, wrong types and out-of-range values with the full key path and
+what is allowed. ``--set section.key=value`` overrides are applied before validation.
+SPEC references (§n) point to ``SPEC.md``; the defaults here are the small embedded profile,
+the paper's recipes live in ``recipes/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from seco_cli.errors import ParamsError
+
+Fraction = Field(ge=0.0, le=1.0)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data / prepare
+class DataParams(_Section):
+    """Shared by every stage: which dataset, and how images enter the network."""
+
+    source: Literal["synthetic", "voc", "coco", "yolo-seg", "folder"] = "synthetic"
+    root: str | None = None  # dataset root for every source but `synthetic`
+    train_split: str = "train"  # split used for training, CAM seeds and pseudo masks
+    eval_split: str = "val"  # split segmented and evaluated
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataParams:
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required when data.source is '{self.source}'")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("data.std values must be > 0")
+        return self
+
+
+class ContextCoupling(_Section):
+    """An object class that sits on its own background context most of the time (boat/water)."""
+
+    cls: str
+    context: str  # a texture name; its pixels are background in the masks
+    rate: float = Field(0.9, ge=0.0, le=1.0)  # P(context | object present)
+
+
+class ObjectCoupling(_Section):
+    """Two object classes that appear together, touching or overlapping (horse/person)."""
+
+    a: str
+    b: str
+    rate: float = Field(0.8, ge=0.0, le=1.0)  # P(b present | a present)
+
+
+class SyntheticParams(_Section):
+    """The embedded procedural dataset that shows the co-occurrence problem (README)."""
+
+    num_train: int = Field(600, ge=1)
+    num_val: int = Field(200, ge=1)
+    image_size: int = Field(96, ge=32, le=1024)
+    classes: list[str] = ["boat", "train", "horse", "person", "car", "bird"]
+    contexts: list[ContextCoupling] = [
+        ContextCoupling(cls="boat", context="water", rate=0.9),
+        ContextCoupling(cls="train", context="rails", rate=0.9),
+    ]
+    context_alone_rate: float = Field(0.25, ge=0.0, le=1.0)  # P(a context with no object)
+    objects: list[ObjectCoupling] = [ObjectCoupling(a="horse", b="person", rate=0.8)]
+    empty_rate: float = Field(0.05, ge=0.0, le=1.0)  # images with no object at all
+    max_objects: int = Field(2, ge=1, le=8)  # independent objects per image (couplings add)
+    object_size: tuple[float, float] = (0.22, 0.4)  # side as a fraction of the image side
+    noise: float = Field(0.06, ge=0.0, le=1.0)  # pixel noise std (images in [0, 1])
+
+    @model_validator(mode="after")
+    def _check(self) -> SyntheticParams:
+        names = set(self.classes)
+        if len(names) != len(self.classes):
+            raise ValueError("prepare.synthetic.classes has duplicate names")
+        for c in self.contexts:
+            if c.cls not in names:
+                raise ValueError(f"prepare.synthetic.contexts: unknown class '{c.cls}'")
+        for o in self.objects:
+            if o.a not in names or o.b not in names or o.a == o.b:
+                raise ValueError(f"prepare.synthetic.objects: bad pair '{o.a}'/'{o.b}'")
+        lo, hi = self.object_size
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("prepare.synthetic.object_size must satisfy 0 < low <= high <= 1")
+        return self
+
+
+class PrepareParams(_Section):
+    seed: int = 0
+    synthetic: SyntheticParams = SyntheticParams()
+    # voc: list files under ImageSets/Segmentation (train_aug comes from SegmentationClassAug)
+    voc_splits: list[str] = ["train_aug", "train", "val"]
+    voc_mask_dir: str = "SegmentationClassAug"
+    # coco: annotation year and split names (instances_<split><year>.json)
+    coco_year: Literal["2014", "2017"] = "2014"
+    coco_splits: list[str] = ["train", "val"]
+    # yolo-seg / folder: split names (yolo: sub-folders of images/; folder: <split>.txt lists)
+    splits: list[str] = ["train", "val"]
+    # Fraction of a yolo-seg/folder split held out as val when no val split exists (0: none)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+# --------------------------------------------------------------------------- model
+class ModelParams(_Section):
+    """Backbone adapter and heads (SPEC §2)."""
+
+    backbone: str = "vit_small_patch16_224"
+    # Extra timm constructor arguments (a small ViT for the embedded profile)
+    backbone_kwargs: dict[str, Any] = {
+        "img_size": 96, "patch_size": 8, "embed_dim": 128, "depth": 6, "num_heads": 4,
+    }
+    pretrained: bool | str = False  # true: timm hub weights; a path: a local state dict
+    aux_layer: int = -3  # ViT block whose tokens feed the auxiliary classifier
+    seg_dilations: list[int] = [1, 2, 3, 4]  # paper/VOC: 6, 12, 18, 24 at stride 16
+    seg_channels: int = Field(128, ge=1)  # hidden width of the segmentation decoder
+    crop_size: int = Field(96, ge=16)  # training crop and inference input side (SPEC §3, §8)
+
+
+# --------------------------------------------------------------------------- train
+class TrainParams(_Section):
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    preset: Literal["baseline"] = "baseline"
+    iterations: int = Field(1500, ge=1)
+    batch_size: int = Field(8, ge=1)
+    num_workers: int = Field(0, ge=0)
+    scale_range: tuple[float, float] = (0.5, 2.0)  # random rescale (SPEC §3.1)
+    # optimiser (SPEC §7)
+    lr: float = Field(6e-4, gt=0)
+    head_lr_mult: float = Field(10.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_iters: int = Field(100, ge=0)
+    warmup_ratio: float = Field(1e-6, gt=0, le=1)
+    poly_power: float = Field(0.9, ge=0)
+    # online CAM used for the pseudo labels (SPEC §3.2-3.3)
+    cam_scales: list[float] = [1.0, 0.5, 1.5]
+    cam_high: float = Field(0.7, ge=0, le=1)
+    cam_low: float = Field(0.25, ge=0, le=1)
+    cam2mask: int = Field(300, ge=0)  # aux CAM before this iteration, final CAM after
+    # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
+    w_cls: float = Field(1.0, ge=0)
+    w_aux: float = Field(1.0, ge=0)
+    w_seg: float = Field(0.12, ge=0)
+    seg_start: int = Field(500, ge=0)
+    # bookkeeping
+    log_every: int = Field(10, ge=1)
+    ckpt_every: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainParams:
+        if self.cam_low > self.cam_high:
+            raise ValueError(f"train.cam_low ({self.cam_low}) must be <= train.cam_high ({self.cam_high})")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ValueError("train.scale_range must satisfy 0 < low <= high")
+        if not self.cam_scales or any(s <= 0 for s in self.cam_scales):
+            raise ValueError("train.cam_scales must be a non-empty list of positive scales")
+        return self
+
+
+# --------------------------------------------------------------------------- inference
+class CamsParams(_Section):
+    split: str | None = None  # default: data.train_split
+    scales: list[float] = [1.0]
+    flip: bool = True
+    store_size: int = Field(0, ge=0)  # longest stored side in pixels; 0 = original size
+    batch_size: int = Field(16, ge=1)
+    device: str = "auto"
+
+
+class PseudoParams(_Section):
+    bkg: float = Field(0.45, ge=0, le=1)  # constant background score (SPEC §8)
+
+
+class SegmentParams(_Section):
+    split: str | None = None  # default: data.eval_split
+    scales: list[float] = [1.0]
+    flip: bool = False
+    batch_size: int = Field(16, ge=1)
+    device: str = "auto"
+    palette_png: bool = True
+
+
+class PairSpec(_Section):
+    victim: str
+    partner: str  # a class name, or "background" for a context partner
+
+
+class EvaluateParams(_Section):
+    cam_bkg: float = Field(0.45, ge=0, le=1)  # background score for the reported CAM seeds
+    bkg_sweep: list[float] = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+    pairs: list[PairSpec] = [
+        PairSpec(victim="boat", partner="background"),
+        PairSpec(victim="train", partner="background"),
+        PairSpec(victim="horse", partner="person"),
+        PairSpec(victim="person", partner="horse"),
+    ]
+    top_pairs: int = Field(5, ge=0)  # pairs taken from co-occurrence counts when none given
+
+
+class Params(_Section):
+    data: DataParams = DataParams()
+    prepare: PrepareParams = PrepareParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    cams: CamsParams = CamsParams()
+    pseudo: PseudoParams = PseudoParams()
+    segment: SegmentParams = SegmentParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def dump(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what artifacts record)."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- loading
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ParamsError(
+            f"override '{item}' is not of the form section.key=value", "--set",
+            "write e.g. --set train.iterations=100",
+        )
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ParamsError(f"override '{item}' has an empty key", "--set", "name a key")
+    return path, yaml.safe_load(raw) if raw.strip() else None
+
+
+def _apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for depth, part in enumerate(path[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            where = ".".join(path[: depth + 1])
+            raise ParamsError(f"cannot set '{'.'.join(path)}': '{where}' is not a section", "--set")
+        node = nxt
+    node[path[-1]] = value
+
+
+def _allowed(loc: tuple[Any, ...]) -> str:
+    """Names of the keys allowed beside an unknown one."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return ""
+    names = getattr(model, "model_fields", {})
+    return ", ".join(sorted(names)) if names else ""
+
+
+def _format_error(err: ValidationError, source: str) -> ParamsError:
+    first = err.errors()[0]
+    loc = tuple(str(p) for p in first["loc"])
+    key = ".".join(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed(loc)
+        return ParamsError(
+            f"unknown parameter '{key}'", source,
+            f"allowed keys here: {allowed}" if allowed else "remove it",
+        )
+    msg = first["msg"]
+    if first["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return ParamsError(f"invalid parameters: {msg}", source, "correct the value")
+    given = first.get("input")
+    given_s = repr(given) if not isinstance(given, dict) else "a mapping"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return ParamsError(f"invalid '{key}' = {given_s}: {msg}{more}", source, "correct the value")
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read, override and validate a parameter file; a missing file means all defaults."""
+    path = Path(path)
+    tree: dict[str, Any] = {}
+    if path.exists():
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            where = f"{path}:{line + 1}" if line is not None else str(path)
+            raise ParamsError("params file is not valid YAML", where, "fix the syntax") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ParamsError("params file must be a mapping of sections", str(path))
+        tree = loaded or {}
+    elif str(path) != "params.yaml":
+        raise ParamsError(f"params file '{path}' does not exist", "--params", "give an existing file")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _apply_override(tree, keys, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as err:
+        source = f"{path}" + (" with --set overrides" if overrides else "")
+        raise _format_error(err, source) from err
