@@ -30,3 +30,32 @@ def cam_to_mask(cam: np.ndarray, labels: list[int], bkg: float,
     full = np.concatenate([np.full((1, h, w), bkg, dtype=np.float32), scores], axis=0)
     lut = np.asarray([0, *labels], dtype=np.uint8)
     return lut[full.argmax(axis=0)]
+
+
+def fuse_cams(cam_fn, images: torch.Tensor, scales: list[float], flip: bool,
+              out_size: tuple[int, int]) -> torch.Tensor:
+    """Multi-scale CAM fusion (SPEC §3.2): per scale the CAM of the image and of its flip
+    (flipped back) are combined by element-wise **max**, upsampled to ``out_size``, ReLU'd,
+    and **summed** over scales. ``cam_fn`` maps ``(B, 3, h, w)`` to raw CAMs ``(B, C, h', w')``.
+    Returns ``(B, C, H, W)`` (not normalised).
+    """
+    b = images.shape[0]
+    total = None
+    for s in scales:
+        x = images if s == 1.0 else F.interpolate(
+            images, scale_factor=s, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        batch = torch.cat([x, x.flip(-1)]) if flip else x  # one forward for image + flip
+        cam = cam_fn(batch)
+        if flip:
+            cam = torch.maximum(cam[:b], cam[b:].flip(-1))
+        cam = F.relu(F.interpolate(cam.float(), size=out_size, mode="bilinear", align_corners=False))
+        total = cam if total is None else total + cam
+    return total
+
+
+def normalise_cams(cam: torch.Tensor, labels: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-class min-max normalisation to [0, 1], zeroed for classes not in ``labels`` (B, C)."""
+    flat = cam.flatten(2)
+    lo = flat.min(-1).values[..., None, None]
+    hi = flat.max(-1).values[..., None, None]
+    return (cam - lo) / (hi - lo + eps) * labels[..., None, None]

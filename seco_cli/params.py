@@ -122,7 +122,6 @@ class ModelParams(_Section):
     pretrained: bool | str = False  # true: timm hub weights; a path: a local state dict
     aux_layer: int = -3  # ViT block whose tokens feed the auxiliary classifier
     seg_dilations: list[int] = [1, 2, 3, 4]  # paper/VOC: 6, 12, 18, 24 at stride 16
-    seg_channels: int = Field(128, ge=1)  # hidden width of the segmentation decoder
     crop_size: int = Field(96, ge=16)  # training crop and inference input side (SPEC §3, §8)
 
 

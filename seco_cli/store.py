@@ -87,7 +87,7 @@ class StoreWriter:
         compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle" if array.dtype == np.uint8 else "shuffle")
         arr = self.group.create_array(
             _check_id(image_id), shape=array.shape, dtype=array.dtype,
-            chunks=array.shape if array.size else None, compressors=compressor, overwrite=True,
+            chunks=tuple(max(1, d) for d in array.shape), compressors=compressor, overwrite=True,
             fill_value=0,
         )
         arr[...] = array

@@ -41,6 +41,24 @@ def load_image(path: str | Path) -> np.ndarray:
     return rgb
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file as :func:`load_image` returns it, reading only the header."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image file '{path}' does not exist", str(path),
+                        "check the dataset root and its lists")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"image file '{path}' is corrupt or not an image ({exc})", str(path),
+                        "replace the file or remove its id from the split lists") from exc
+    if w == 0 or h == 0:
+        raise DataError(f"image file '{path}' has no pixels", str(path), "remove it from the lists")
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
 def load_mask(path: str | Path) -> np.ndarray:
     """Class-index mask of a PNG (palette indices, or gray values) as ``(H, W) uint8``."""
     path = Path(path)

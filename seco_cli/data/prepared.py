@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from seco_cli.data.images import load_image, save_png
+from seco_cli.data.images import image_size, load_image, save_png
 from seco_cli.errors import DataError, MissingInputError, SecoError
 from seco_cli.store import StoreReader, StoreWriter
 
@@ -93,6 +93,7 @@ def write_prepared(
     masks = StoreWriter(tmp / "masks.zarr", "masks", {"provenance": provenance, "classes": classes})
     images: dict[str, str] = {}
     labels: dict[str, list[int]] = {}
+    sizes: dict[str, list[int]] = {}
     with_mask: list[str] = []
     for s in samples:
         if s.id in images:
@@ -107,8 +108,14 @@ def write_prepared(
             images[s.id] = rel
         else:
             images[s.id] = str(Path(s.image).resolve())
+        sizes[s.id] = list(s.image.shape[:2]) if isinstance(s.image, np.ndarray) else list(
+            image_size(s.image))
         if s.mask is not None:
             mask = np.asarray(s.mask)
+            if list(mask.shape) != sizes[s.id]:
+                raise DataError(
+                    f"mask of '{s.id}' is {mask.shape[1]}x{mask.shape[0]}, its image "
+                    f"{sizes[s.id][1]}x{sizes[s.id][0]}", source, "masks must match their images")
             bad = (mask > num_classes) & (mask != IGNORE)
             if bad.any():
                 raise DataError(
@@ -136,6 +143,7 @@ def write_prepared(
         "splits": splits,
         "images": images,
         "labels": labels,
+        "sizes": sizes,
         "provenance": provenance,
     }
     (tmp / INDEX).write_text(json.dumps(index))
@@ -218,6 +226,11 @@ class PreparedDataset:
     def image_path(self, image_id: str) -> Path:
         p = Path(self._images[image_id])
         return p if p.is_absolute() else self.path / p
+
+    def image_size(self, image_id: str) -> tuple[int, int]:
+        """(H, W) of the image as loaded (EXIF orientation applied)."""
+        h, w = self.index["sizes"][image_id]
+        return int(h), int(w)
 
     def image(self, image_id: str) -> np.ndarray:
         return load_image(self.image_path(image_id))

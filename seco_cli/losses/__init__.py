@@ -1,0 +1,1 @@
+"""Loss terms, one concept per module; the trainer weights and sums them."""

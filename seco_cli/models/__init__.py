@@ -1,0 +1,1 @@
+"""Networks: the backbone adapter, the heads, and the SeCo network that joins them."""

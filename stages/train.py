@@ -1,0 +1,51 @@
+"""Stage `train`: single-stage training; writes the final model and dvclive curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from seco_cli.checkpoint import save_atomic
+from seco_cli.data.prepared import PreparedDataset
+from seco_cli.device import resolve_device
+from seco_cli.params import Params
+from seco_cli.progress import Progress, Silent
+from seco_cli.provenance import provenance
+from seco_cli.trainer import train
+
+
+def run(params: Params, prepared: Path, model_out: Path, live_dir: Path, ckpt_dir: Path,
+        resume: bool = False, progress: Progress = Silent()) -> dict[str, Any]:
+    from dvclive import Live  # imported here: it is slow to import and only train needs it
+
+    data = PreparedDataset(prepared)
+    device = resolve_device(params.train.device, "train.device")
+    meta = {
+        "backbone": params.model.backbone,
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        **provenance(params.dump(), params.train.seed),
+    }
+    tp = params.train
+    with Live(dir=str(live_dir), resume=resume, report=None, save_dvc_exp=False,
+              dvcyaml=None) as live:
+        live.log_params({"preset": tp.preset, "iterations": tp.iterations, "seed": tp.seed})
+        last: dict[str, float] = {}
+
+        def log(step: int, values: dict[str, float]) -> None:
+            live.step = step
+            for name, value in values.items():
+                live.log_metric(name, value)
+            live.next_step()
+            last.update(values)
+
+        ticks = iter(progress.track(range(tp.iterations), tp.iterations, "train"))
+
+        def tick(_: int) -> None:
+            next(ticks, None)
+
+        trainer = train(params, data, device, meta, ckpt_dir, resume, log, tick)
+        for _ in ticks:  # let the bar reach its end
+            pass
+    save_atomic(trainer.final(), model_out)
+    return {"iterations": trainer.iteration, **last}
