@@ -74,6 +74,9 @@ class SyntheticParams(_Section):
     context_alone_rate: float = Field(0.25, ge=0.0, le=1.0)  # P(a context with no object)
     objects: list[ObjectCoupling] = [ObjectCoupling(a="horse", b="person", rate=0.8)]
     empty_rate: float = Field(0.05, ge=0.0, le=1.0)  # images with no object at all
+    # Relative frequency of each class as an image's independent object (default 1); a low
+    # weight for a coupled partner makes it rarely appear on its own.
+    class_weights: dict[str, float] = {}
     max_objects: int = Field(2, ge=1, le=8)  # independent objects per image (couplings add)
     object_size: tuple[float, float] = (0.22, 0.4)  # side as a fraction of the image side
     noise: float = Field(0.06, ge=0.0, le=1.0)  # pixel noise std (images in [0, 1])
@@ -86,6 +89,10 @@ class SyntheticParams(_Section):
         for c in self.contexts:
             if c.cls not in names:
                 raise ValueError(f"prepare.synthetic.contexts: unknown class '{c.cls}'")
+        for name, weight in self.class_weights.items():
+            if name not in names or weight < 0:
+                raise ValueError(f"prepare.synthetic.class_weights: '{name}' must be a class "
+                                 "with a weight >= 0")
         for o in self.objects:
             if o.a not in names or o.b not in names or o.a == o.b:
                 raise ValueError(f"prepare.synthetic.objects: bad pair '{o.a}'/'{o.b}'")

@@ -141,18 +141,22 @@ def generate_image(p: SyntheticParams, seed: int, index: int) -> tuple[np.ndarra
     chosen: list[str] = []
     if rng.random() >= p.empty_rate:
         n = int(rng.integers(1, p.max_objects + 1))
-        chosen = list(rng.choice(p.classes, size=min(n, len(p.classes)), replace=False))
+        weights = np.asarray([p.class_weights.get(c, 1.0) for c in p.classes], dtype=np.float64)
+        k = min(n, int((weights > 0).sum()))
+        if k > 0:
+            chosen = list(rng.choice(p.classes, size=k, replace=False, p=weights / weights.sum()))
     partners = [(o.a, o.b) for o in p.objects if o.a in chosen and o.b not in chosen
                 and rng.random() < o.rate]
 
-    # contexts first (they are background), then objects on top
+    # contexts first (they are background), then objects on top; one context band per image
+    # (bands share the lower part of the image, a second would paint over the first)
     tops: dict[str, int] = {}
     for name in chosen:
         c = contexts.get(name)
-        if c is not None and c.context not in tops and rng.random() < c.rate:
+        if c is not None and not tops and rng.random() < c.rate:
             tops[c.context] = _context(c.context, rng, s, yy, xx, img)
     for c in p.contexts:
-        if c.context not in tops and c.cls not in chosen and rng.random() < p.context_alone_rate:
+        if not tops and c.cls not in chosen and rng.random() < p.context_alone_rate:
             tops[c.context] = _context(c.context, rng, s, yy, xx, img)
 
     boxes: dict[str, tuple[float, float, float, float]] = {}

@@ -33,11 +33,10 @@ class SourceData:
 
 
 def load_source(data: DataParams, prep: PrepareParams, seed: int) -> SourceData:
-    module = importlib.import_module(_MODULES[data.source])
     if data.source == "synthetic":
-        return module.read(prep.synthetic, seed)
+        return importlib.import_module(_MODULES["synthetic"]).read(prep.synthetic, seed)
     root = Path(data.root).expanduser()
     if not root.is_dir():
         raise DataError(f"dataset root '{root}' does not exist", "data.root",
                         f"point data.root at your {data.source} dataset (see README)")
-    return module.read(root, prep)
+    return importlib.import_module(_MODULES[data.source]).read(root, prep)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny parameter profile and a prepared synthetic dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seco_cli.params import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# A profile small enough for a full pipeline run in seconds on a CPU.
+TINY = [
+    "prepare.synthetic.num_train=24",
+    "prepare.synthetic.num_val=8",
+    "prepare.synthetic.image_size=48",
+    "model.backbone_kwargs={img_size: 48, patch_size: 8, embed_dim: 32, depth: 3, num_heads: 2}",
+    "model.crop_size=48",
+    "train.iterations=6",
+    "train.batch_size=4",
+    "train.warmup_iters=2",
+    "train.seg_start=3",
+    "train.cam2mask=4",
+    "train.log_every=2",
+    "train.ckpt_every=3",
+    "cams.batch_size=8",
+    "segment.batch_size=8",
+]
+
+
+def tiny_params(*extra: str) -> Params:
+    return load_params(ROOT / "params.yaml", [*TINY, *extra])
+
+
+@pytest.fixture
+def tiny() -> Params:
+    return tiny_params()
+
+
+@pytest.fixture
+def prepared(tmp_path: Path, tiny: Params) -> Path:
+    from stages import prepare
+
+    out = tmp_path / "prepared"
+    prepare.run(tiny, out, tmp_path / "prepare.json")
+    return out

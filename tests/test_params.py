@@ -1,0 +1,73 @@
+"""Parameter loading: defaults, overrides and one-line errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seco_cli.errors import ParamsError
+from seco_cli.params import Params, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_params_yaml_is_the_default_profile():
+    assert load_params(ROOT / "params.yaml") == Params()
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_recipes_validate(recipe: Path):
+    p = load_params(recipe)
+    assert p.model.backbone == "vit_base_patch16_224.orig_in21k_ft_in1k"
+    assert p.model.crop_size == 448
+
+
+def test_override_types_are_parsed():
+    p = load_params(ROOT / "params.yaml", ["train.iterations=7", "train.cam_scales=[1.0, 0.5]",
+                                           "model.pretrained=/tmp/w.pth", "cams.flip=false"])
+    assert p.train.iterations == 7
+    assert p.train.cam_scales == [1.0, 0.5]
+    assert p.model.pretrained == "/tmp/w.pth"
+    assert p.cams.flip is False
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("nosuch.key=1", "unknown parameter 'nosuch'"),
+        ("train.nosuch=1", "unknown parameter 'train.nosuch'"),
+        ("train.iterations=abc", "'train.iterations'"),
+        ("train.iterations=0", "greater than or equal to 1"),
+        ("train.lr=-1", "'train.lr'"),
+        ("train.cam_high=1.5", "'train.cam_high'"),
+        ("train.cam_low=0.9", "train.cam_low (0.9) must be <= train.cam_high"),
+        ("data.source=imagenet", "'data.source'"),
+        ("data.source=voc", "data.root is required"),
+        ("prepare.synthetic.contexts=[{cls: zebra, context: water}]", "unknown class 'zebra'"),
+        ("train.iterations", "not of the form section.key=value"),
+    ],
+)
+def test_bad_params_name_the_key(override: str, needle: str):
+    with pytest.raises(ParamsError) as err:
+        load_params(ROOT / "params.yaml", [override])
+    line = err.value.line()
+    assert needle in line
+    assert "\n" not in line
+
+
+def test_unknown_key_lists_allowed_keys():
+    with pytest.raises(ParamsError, match="allowed keys here: .*iterations"):
+        load_params(ROOT / "params.yaml", ["train.iteration=3"])
+
+
+def test_bad_yaml_reports_line(tmp_path: Path):
+    f = tmp_path / "p.yaml"
+    f.write_text("train:\n  iterations: [1,\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(f)
+
+
+def test_missing_params_file_is_an_error(tmp_path: Path):
+    with pytest.raises(ParamsError, match="does not exist"):
+        load_params(tmp_path / "nope.yaml")

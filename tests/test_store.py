@@ -1,0 +1,97 @@
+"""Artifact store: round trip, completion marker, refusal of incomplete or foreign stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seco_cli.errors import MissingInputError, SecoError
+from seco_cli.store import COMPLETE, StoreReader, StoreWriter
+
+
+def test_round_trip_float16_and_uint8(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "cams", {"seed": 3, "params": {"a": 1}})
+    cam = np.random.default_rng(0).random((2, 5, 7)).astype(np.float32)
+    w.write("img_a", cam, {"labels": [1, 4]})
+    w.write("img_b", np.arange(12, dtype=np.uint8).reshape(3, 4))
+    w.write("img_c", np.zeros((0, 5, 7), np.float32), {"labels": []})
+    w.finish()
+    r = StoreReader(tmp_path / "s.zarr", "cams")
+    assert r.ids() == ["img_a", "img_b", "img_c"]
+    got, attrs = r.read_with_attrs("img_a")
+    assert got.dtype == np.float16 and attrs == {"labels": [1, 4]}
+    np.testing.assert_allclose(got, cam, atol=1e-3)
+    np.testing.assert_array_equal(r.read("img_b"), np.arange(12).reshape(3, 4))
+    assert r.read("img_c").shape == (0, 5, 7)
+    assert r.attrs["seed"] == 3 and r.attrs["params"] == {"a": 1}
+
+
+def test_file_count_is_constant_per_image(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "masks", {})
+    for i in range(10):
+        w.write(f"im{i}", np.ones((16, 16), np.uint8))
+    w.finish()
+    files = [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()]
+    assert len(files) == 10 * 2 + 3  # per image: zarr.json + one chunk; group json + 2 markers
+
+
+def test_interrupted_store_is_refused(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "cams", {})
+    w.write("a", np.zeros((1, 2, 2)))  # no finish(): as if the stage was killed here
+    with pytest.raises(MissingInputError, match="incomplete"):
+        StoreReader(tmp_path / "s.zarr", "cams", stage_hint="cams")
+
+
+def test_rewrite_clears_marker_until_finished(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    w = StoreWriter(path, "cams", {})
+    w.write("a", np.zeros((1, 2, 2)))
+    w.finish()
+    assert (path / COMPLETE).exists()
+    w2 = StoreWriter(path, "cams", {})
+    assert not (path / COMPLETE).exists()
+    w2.write("b", np.zeros((1, 2, 2)))
+    w2.finish()
+    assert StoreReader(path).ids() == ["b"]
+
+
+def test_sharded_store_completes_after_every_shard(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    w0 = StoreWriter(path, "cams", {}, shard=0, num_shards=2)
+    w1 = StoreWriter(path, "cams", {}, shard=1, num_shards=2, create=False)
+    w0.write("a", np.zeros((1, 2, 2)))
+    w0.finish()
+    assert not (path / COMPLETE).exists()
+    w1.write("b", np.ones((1, 2, 2)))
+    w1.finish()
+    assert StoreReader(path).ids() == ["a", "b"]
+
+
+def test_missing_store_names_stage(tmp_path: Path):
+    with pytest.raises(MissingInputError, match="run `seco pseudo` first"):
+        StoreReader(tmp_path / "none.zarr", stage_hint="pseudo")
+
+
+def test_wrong_kind_is_refused(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "masks", {})
+    w.finish()
+    with pytest.raises(MissingInputError, match="expected 'cams'"):
+        StoreReader(tmp_path / "s.zarr", "cams")
+
+
+def test_user_folder_is_never_overwritten(tmp_path: Path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(SecoError, match="refusing to overwrite"):
+        StoreWriter(mine, "cams", {})
+    assert (mine / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", ".."])
+def test_ids_cannot_escape(tmp_path: Path, bad: str):
+    w = StoreWriter(tmp_path / "s.zarr", "cams", {})
+    with pytest.raises(SecoError):
+        w.write(bad, np.zeros((1, 1)))
