@@ -71,12 +71,14 @@ class SyntheticParams(_Section):
         ContextCoupling(cls="boat", context="water", rate=0.9),
         ContextCoupling(cls="train", context="rails", rate=0.9),
     ]
-    context_alone_rate: float = Field(0.25, ge=0.0, le=1.0)  # P(a context with no object)
-    objects: list[ObjectCoupling] = [ObjectCoupling(a="horse", b="person", rate=0.8)]
+    context_alone_rate: float = Field(0.1, ge=0.0, le=1.0)  # P(a context with no object)
+    objects: list[ObjectCoupling] = [ObjectCoupling(a="horse", b="person", rate=0.9)]
     empty_rate: float = Field(0.05, ge=0.0, le=1.0)  # images with no object at all
     # Relative frequency of each class as an image's independent object (default 1); a low
     # weight for a coupled partner makes it rarely appear on its own.
-    class_weights: dict[str, float] = {}
+    class_weights: dict[str, float] = {"person": 0.25}
+    # Per-class size multiplier on object_size (default 1).
+    class_scales: dict[str, float] = {"train": 0.7}
     max_objects: int = Field(2, ge=1, le=8)  # independent objects per image (couplings add)
     object_size: tuple[float, float] = (0.22, 0.4)  # side as a fraction of the image side
     noise: float = Field(0.06, ge=0.0, le=1.0)  # pixel noise std (images in [0, 1])
@@ -93,6 +95,10 @@ class SyntheticParams(_Section):
             if name not in names or weight < 0:
                 raise ValueError(f"prepare.synthetic.class_weights: '{name}' must be a class "
                                  "with a weight >= 0")
+        for name, scale in self.class_scales.items():
+            if name not in names or scale <= 0:
+                raise ValueError(f"prepare.synthetic.class_scales: '{name}' must be a class "
+                                 "with a scale > 0")
         for o in self.objects:
             if o.a not in names or o.b not in names or o.a == o.b:
                 raise ValueError(f"prepare.synthetic.objects: bad pair '{o.a}'/'{o.b}'")

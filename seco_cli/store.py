@@ -61,6 +61,26 @@ def _clear(path: Path) -> None:
         shutil.rmtree(path)
 
 
+OUTPUT_MARKER = ".seco-output"
+
+
+def fresh_output_dir(path: str | Path) -> Path:
+    """An empty folder for a stage's plain-file output (PNGs, plot data).
+
+    A folder from an earlier run (it carries our marker file) is replaced; a non-empty folder
+    without the marker belongs to the user and is refused, never deleted.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir() or (any(path.iterdir()) and not (path / OUTPUT_MARKER).exists()):
+            raise SecoError(f"refusing to overwrite '{path}': it was not written by seco", str(path),
+                            "move it away or choose another output path")
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    (path / OUTPUT_MARKER).write_text("written by seco; replaced when its stage re-runs\n")
+    return path
+
+
 class StoreWriter:
     """Writes one store. ``kind`` is e.g. ``cams``, ``masks``; ``attrs`` its provenance."""
 

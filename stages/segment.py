@@ -3,7 +3,6 @@ VOC-palette PNGs."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from seco_cli.inference import batches, load_model, seg_logits, to_original
 from seco_cli.params import Params
 from seco_cli.progress import Progress, Silent
 from seco_cli.provenance import provenance
-from seco_cli.store import StoreWriter
+from seco_cli.store import StoreWriter, fresh_output_dir
 
 
 @torch.no_grad()
@@ -32,10 +31,8 @@ def run(params: Params, prepared: Path, model: Path, out: Path, png_dir: Path,
     attrs = {"provenance": provenance(params.dump(), meta.get("seed")), "split": split,
              "classes": data.classes, "variants": ["raw"]}
     writer = StoreWriter(out, "segment", attrs)
-    if png_dir.exists():
-        shutil.rmtree(png_dir)
     if sp.palette_png:
-        png_dir.mkdir(parents=True)
+        fresh_output_dir(png_dir)
     palette = voc_palette()
     stream = batches(data, ids, sp.batch_size, crop, params.data.mean, params.data.std)
     total = -(-len(ids) // sp.batch_size)

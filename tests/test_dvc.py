@@ -20,13 +20,13 @@ EXEMPT = {"seco_cli/cli.py", "seco_cli/__init__.py", "stages/__init__.py"}
 
 def _imported_files(stage: str) -> set[str]:
     code = (
-        "import sys, stages.{0}, pathlib\n"
-        "root = pathlib.Path({1!r})\n"
+        f"import sys, stages.{stage}, pathlib\n"
+        f"root = pathlib.Path({str(ROOT)!r})\n"
         "for m in list(sys.modules.values()):\n"
         "    f = getattr(m, '__file__', None)\n"
         "    if f and pathlib.Path(f).resolve().is_relative_to(root):\n"
         "        print(pathlib.Path(f).resolve().relative_to(root).as_posix())\n"
-    ).format(stage, str(ROOT))
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
     return {line for line in out.stdout.split() if line.startswith(("seco_cli/", "stages/"))}

@@ -95,3 +95,18 @@ def test_ids_cannot_escape(tmp_path: Path, bad: str):
     w = StoreWriter(tmp_path / "s.zarr", "cams", {})
     with pytest.raises(SecoError):
         w.write(bad, np.zeros((1, 1)))
+
+
+def test_fresh_output_dir_replaces_ours_refuses_users(tmp_path: Path):
+    from seco_cli.store import fresh_output_dir
+
+    out = fresh_output_dir(tmp_path / "png")
+    (out / "a.png").write_bytes(b"x")
+    fresh_output_dir(out)  # a re-run replaces our own folder
+    assert not (out / "a.png").exists()
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep.png").write_bytes(b"mine")
+    with pytest.raises(SecoError, match="refusing to overwrite"):
+        fresh_output_dir(user)
+    assert (user / "keep.png").read_bytes() == b"mine"

@@ -162,7 +162,7 @@ def generate_image(p: SyntheticParams, seed: int, index: int) -> tuple[np.ndarra
     boxes: dict[str, tuple[float, float, float, float]] = {}
     lo, hi = p.object_size
     for name in chosen:
-        side = rng.uniform(lo, hi)
+        side = rng.uniform(lo, hi) * p.class_scales.get(name, 1.0)
         c = contexts.get(name)
         centre = None
         if c is not None and c.context in tops:  # sit on the context: bottom inside the band
@@ -171,7 +171,7 @@ def generate_image(p: SyntheticParams, seed: int, index: int) -> tuple[np.ndarra
         boxes[name] = _box(rng, s, side, rng.uniform(0.8, 1.6), centre)
     for a, b in partners:  # b overlaps the upper part of a (rider on horse)
         x0, y0, x1, _ = boxes[a]
-        side = rng.uniform(lo, hi) * 0.8
+        side = rng.uniform(lo, hi) * 0.8 * p.class_scales.get(b, 1.0)
         boxes[b] = _box(rng, s, side, 0.6, ((x0 + x1) / 2 + rng.uniform(-0.1, 0.1) * s,
                                              y0 - side * s * 0.2))
     for name, box in boxes.items():  # a partner is drawn after its anchor, so on top
