@@ -172,7 +172,7 @@ def summarize(index: dict[str, Any], cooc: dict[str, Any], with_mask: list[str])
         pairs = np.triu(np.asarray(c["pair_counts"]), k=1) if c["pair_counts"] else np.zeros((0, 0))
         top = [
             {"a": classes[a + 1], "b": classes[b + 1], "images": int(pairs[a, b])}
-            for a, b in zip(*np.unravel_index(np.argsort(-pairs, axis=None)[:5], pairs.shape))
+            for a, b in zip(*np.unravel_index(np.argsort(-pairs, axis=None)[:5], pairs.shape), strict=False)
             if pairs.size and pairs[a, b] > 0
         ]
         n_labels = [len(index["labels"][i]) for i in ids]
@@ -180,7 +180,7 @@ def summarize(index: dict[str, Any], cooc: dict[str, Any], with_mask: list[str])
             "images": len(ids),
             "empty_images": int(sum(n == 0 for n in n_labels)),
             "mean_labels_per_image": float(np.mean(n_labels)) if n_labels else 0.0,
-            "class_counts": dict(zip(classes[1:], c["class_counts"])),
+            "class_counts": dict(zip(classes[1:], c["class_counts"], strict=False)),
             "top_pairs": top,
         }
     return summary
