@@ -1,0 +1,109 @@
+"""Conquer-side memory (SPEC §4–§5): the reservoir of key embeddings with its tag pool, and
+the class prototypes.
+
+Both are small modules whose state lives in registered **buffers**, so a plain
+``state_dict`` checkpoints them exactly (pointer and fill count included) and loads with
+``weights_only=True``. Neither communicates: callers pass tensors already gathered from all
+ranks, in the same order on every rank, so every rank holds identical state.
+
+Tags: 0 = background, c ≥ 1 = class c (prototype row c − 1), −1 = uncertain / empty.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Reservoir(nn.Module):
+    """FIFO queue of ``capacity`` key embeddings (dim ``dim``) with a matching tag pool."""
+
+    keys: torch.Tensor  # (K, d) float
+    tags: torch.Tensor  # (K,) long, −1 = empty or uncertain
+    ptr: torch.Tensor  # () long, next slot to write
+    filled: torch.Tensor  # () long, number of written slots (≤ K)
+
+    def __init__(self, capacity: int, dim: int):
+        super().__init__()
+        if capacity < 1:
+            raise ValueError("Reservoir capacity must be ≥ 1")
+        self.capacity = capacity
+        self.register_buffer("keys", torch.zeros(capacity, dim))
+        self.register_buffer("tags", torch.full((capacity,), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, tags: torch.Tensor) -> None:
+        """Write ``keys`` (N, d) and ``tags`` (N,) at the pointer, wrapping around.
+
+        Same result as writing the rows one by one in order: when N > K only the last K rows
+        survive, each in the slot sequential writing would have given it.
+        """
+        n, k = keys.shape[0], self.capacity
+        if n == 0:
+            return
+        slots = (int(self.ptr) + torch.arange(n, device=self.keys.device)) % k  # (N,)
+        keys, tags, slots = keys[-k:], tags[-k:], slots[-k:]  # the last K only
+        self.keys[slots] = keys.detach().to(self.keys)
+        self.tags[slots] = tags.to(self.tags)
+        self.ptr.fill_((int(self.ptr) + n) % k)
+        self.filled.fill_(min(int(self.filled) + n, k))
+
+    def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys (F, d), tags (F,)) of the filled slots (slot order, not age order)."""
+        f = int(self.filled)
+        return self.keys[:f], self.tags[:f]
+
+
+class Prototypes(nn.Module):
+    """Class prototypes P (C, d), random normal then L2-normalised; EMA-updated (paper eq. 3)."""
+
+    P: torch.Tensor  # (C, d), unit rows
+
+    def __init__(
+        self, num_classes: int, dim: int, seed: int = 0, generator: torch.Generator | None = None
+    ):
+        super().__init__()
+        gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+        self.register_buffer("P", F.normalize(torch.randn(num_classes, dim, generator=gen), dim=1))
+
+    @torch.no_grad()
+    def update(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor,
+        momentum: float,
+        mode: Literal["adaptive", "single"] = "adaptive",
+        tau: float = 0.1,
+    ) -> None:
+        """p_c ← normalise(m·p_c + (1 − m)·w_c·z_b) for each label c of each image b.
+
+        ``z`` (B, d): L2-normalised global-teacher class tokens (gathered from all ranks);
+        ``labels`` (B, C) multi-hot. Single-label image: w = 1. Multi-label image: with
+        ``mode='adaptive'`` w_c = softmax over the image's labels of cos(z_b, p_c)/τ;
+        with ``mode='single'`` the image is skipped (upstream behaviour).
+
+        Order: images are processed one after another in batch order (sequential semantics:
+        image b sees the prototypes already updated by images < b, which matters when two
+        images share a class); within one image all its labels are updated at once from the
+        prototypes as they were before that image. Images without labels are skipped.
+        """
+        if mode not in ("adaptive", "single"):
+            raise ValueError(f"unknown prototype update mode: {mode!r}")
+        z = z.detach().to(self.P)
+        present = labels.detach() > 0  # (B, C) bool
+        for b in range(z.shape[0]):
+            idx = present[b].nonzero().flatten()  # (L,) class rows of image b
+            if idx.numel() == 0 or (mode == "single" and idx.numel() > 1):
+                continue
+            self._update_image(z[b], idx, momentum, tau)
+
+    def _update_image(self, z: torch.Tensor, idx: torch.Tensor, m: float, tau: float) -> None:
+        p = self.P[idx]  # (L, d)
+        cos = F.cosine_similarity(p, z[None], dim=1)  # (L,)
+        w = torch.softmax(cos / tau, dim=0)  # (L,); exactly 1 for a single label
+        self.P[idx] = F.normalize(m * p + (1.0 - m) * w[:, None] * z[None], dim=1)

@@ -1,0 +1,319 @@
+"""Conquer part of SeCo (SPEC §2, §4–§6): heads, teacher, memory and contrastive losses,
+checked against direct per-anchor formulas on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seco_cli.losses.contrast import (
+    global_contrast,
+    local_contrast,
+    patch_token_contrast,
+    ptc_token_labels,
+    rectify,
+)
+from seco_cli.memory import Prototypes, Reservoir
+from seco_cli.models.projection import ProjectionHead
+from seco_cli.teacher import EMATeacher
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+# ---------------------------------------------------------------- L_iG (paper eq. 4)
+def _lig_reference(q, tags, protos, tau) -> float:
+    classes = sorted({int(t) for t in tags if t >= 1})
+    losses = []
+    for i in range(len(tags)):
+        t = int(tags[i])
+        if t < 1:
+            continue
+        num = math.exp(float(q[i] @ protos[t - 1]) / tau)
+        den = sum(math.exp(float(q[i] @ protos[c - 1]) / tau) for c in classes)
+        losses.append(-math.log(num / den))
+    return sum(losses) / len(losses)
+
+
+def test_global_contrast_matches_per_anchor_formula():
+    q, protos = _unit(8, 4, 0), _unit(5, 4, 1)  # 5 classes, only 1, 3, 4 in the batch
+    tags = torch.tensor([1, 3, 0, -1, 3, 4, 1, 0])
+    got = global_contrast(q, tags, protos, tau=0.1)
+    assert got.item() == pytest.approx(_lig_reference(q, tags, protos, 0.1), rel=1e-5)
+
+
+def test_global_contrast_no_anchor_is_zero_with_graph_and_protos_get_no_grad():
+    q = _unit(4, 4, 2).requires_grad_(True)
+    protos = _unit(3, 4, 3).requires_grad_(True)
+    zero = global_contrast(q, torch.tensor([0, -1, 0, -1]), protos, tau=0.1)
+    assert zero.item() == 0.0
+    zero.backward()
+    loss = global_contrast(q, torch.tensor([1, 2, 0, 2]), protos, tau=0.1)
+    loss.backward()
+    assert protos.grad is None and q.grad is not None
+
+
+# ---------------------------------------------------------------- L_iL (paper eq. 8)
+def _lil_reference(q, q_tags, keys, key_tags, tau) -> float:
+    losses = []
+    for i in range(len(q_tags)):
+        t = int(q_tags[i])
+        if t == -1:
+            continue
+        allowed = [j for j in range(len(key_tags)) if int(key_tags[j]) != -1]
+        positives = [j for j in allowed if int(key_tags[j]) == t]
+        if not positives:
+            continue
+        den = sum(math.exp(float(q[i] @ keys[a]) / tau) for a in allowed)
+        terms = [math.log(math.exp(float(q[i] @ keys[p]) / tau) / den) for p in positives]
+        losses.append(-sum(terms) / len(positives))
+    return sum(losses) / len(losses)
+
+
+def test_local_contrast_matches_per_anchor_formula():
+    q, keys = _unit(7, 4, 4), _unit(9, 4, 5)
+    # anchor tagged 5 has no positive; −1 keys are excluded from A; background meets background
+    q_tags = torch.tensor([0, 1, 2, -1, 5, 0, 1])
+    key_tags = torch.tensor([0, 1, -1, 2, 0, -1, 1, 3, 2])
+    got = local_contrast(q, q_tags, keys, key_tags, tau=0.08)
+    assert got.item() == pytest.approx(_lil_reference(q, q_tags, keys, key_tags, 0.08), rel=1e-5)
+
+
+def test_local_contrast_uncertain_keys_do_not_enter_denominator():
+    q, keys = _unit(2, 4, 6), _unit(3, 4, 7)
+    q_tags = torch.tensor([1, 1])
+    base = local_contrast(q, q_tags, keys[:2], torch.tensor([1, 2]), tau=0.1)
+    with_unc = local_contrast(q, q_tags, keys, torch.tensor([1, 2, -1]), tau=0.1)
+    assert with_unc.item() == pytest.approx(base.item(), rel=1e-6)
+
+
+def test_local_contrast_no_anchor_zero_and_keys_get_no_grad():
+    q = _unit(3, 4, 8).requires_grad_(True)
+    keys = _unit(3, 4, 9).requires_grad_(True)
+    zero = local_contrast(q, torch.tensor([1, 2, -1]), keys, torch.tensor([0, 3, -1]), 0.1)
+    assert zero.item() == 0.0
+    zero.backward()
+    loss = local_contrast(q, torch.tensor([1, 2, 0]), keys, torch.tensor([0, 2, 1]), 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and keys.grad is None and q.grad is not None
+
+
+# ---------------------------------------------------------------- rectification (eqs. 6–7)
+def _bank() -> tuple[torch.Tensor, torch.Tensor]:
+    """Tag 1 around +e1, tag 0 (background) around +e2, one lone tag-2 entry."""
+    g = torch.Generator().manual_seed(10)
+    e1, e2, e3 = torch.eye(4)[:3]
+    k1 = F.normalize(e1 + 0.2 * torch.randn(6, 4, generator=g), dim=1)
+    k0 = F.normalize(e2 + 0.2 * torch.randn(5, 4, generator=g), dim=1)
+    keys = torch.cat([k1, k0, e3[None]])
+    tags = torch.tensor([1] * 6 + [0] * 5 + [2])
+    return keys, tags
+
+
+def test_rectify_fires_on_noisy_and_not_on_clean_queries():
+    keys, tags = _bank()
+    e1, e2, e3 = torch.eye(4)[:3]
+    q = torch.stack([e1, -e1, e2, -e2, -e3])
+    q_tags = torch.tensor([1, 1, 0, 0, 2])
+    new, stats = rectify(q, q_tags, keys, tags, proportion=0.8)
+    # clean stays, anti-aligned becomes −1 (background too); tag 2 has < 2 entries: untouched
+    assert new.tolist() == [1, -1, 0, -1, 2]
+    assert int(stats["eligible"]) == 4 and int(stats["rectified"]) == 2
+    assert float(stats["rectified_fraction"]) == pytest.approx(0.5)
+    assert torch.isnan(stats["mu"][2])
+
+
+def test_rectify_mu_is_mean_of_off_diagonal_pairs():
+    keys, tags = _bank()
+    _, stats = rectify(keys[:1], tags[:1], keys, tags, proportion=0.8)
+    for t in (0, 1):
+        k = keys[tags == t]
+        sim = k @ k.T
+        n = len(k)
+        expected = (sim.sum() - sim.diag().sum()) / (n * (n - 1))
+        assert float(stats["mu"][t]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_rectify_empty_bank_changes_nothing():
+    keys, tags = Reservoir(4, 4).valid()
+    new, stats = rectify(_unit(2, 4, 14), torch.tensor([0, 1]), keys, tags, proportion=0.8)
+    assert new.tolist() == [0, 1] and int(stats["eligible"]) == 0
+    assert float(stats["rectified_fraction"]) == 0.0
+
+
+def test_rectify_uncertain_queries_untouched():
+    keys, tags = _bank()
+    new, stats = rectify(-keys[:2], torch.tensor([-1, -1]), keys, tags, proportion=0.0)
+    assert new.tolist() == [-1, -1] and int(stats["eligible"]) == 0
+
+
+# ---------------------------------------------------------------- reservoir
+def test_reservoir_wraps_around_with_tags():
+    res = Reservoir(capacity=5, dim=2)
+    assert res.tags.tolist() == [-1] * 5
+    a = torch.arange(6.0).view(3, 2)  # rows a0..a2
+    res.enqueue(a, torch.tensor([1, 2, 3]))
+    assert int(res.ptr) == 3 and int(res.filled) == 3
+    keys, tags = res.valid()
+    assert torch.equal(keys, a) and tags.tolist() == [1, 2, 3]
+    b = 10 + torch.arange(8.0).view(4, 2)  # rows b0..b3
+    res.enqueue(b, torch.tensor([4, 5, 6, 7]))
+    # slots 3, 4 get b0, b1; b2, b3 wrap to slots 0, 1; a2 survives in slot 2
+    assert torch.equal(res.keys, torch.stack([b[2], b[3], a[2], b[0], b[1]]))
+    assert res.tags.tolist() == [6, 7, 3, 4, 5]
+    assert int(res.ptr) == 2 and int(res.filled) == 5
+    assert len(res.valid()[0]) == 5
+
+
+def test_reservoir_enqueue_larger_than_capacity_keeps_last_k():
+    res = Reservoir(capacity=3, dim=1)
+    res.enqueue(torch.tensor([[0.0]]), torch.tensor([0]))  # ptr 1
+    res.enqueue(torch.arange(1.0, 8.0)[:, None], torch.arange(1, 8))  # 7 rows, ptr → 8 % 3 = 2
+    # sequential writes: slots 1,2,0,1,2,0,1 ← 1..7; survivors 5 (slot 2), 6 (slot 0), 7 (slot 1)
+    assert res.keys.flatten().tolist() == [6.0, 7.0, 5.0]
+    assert res.tags.tolist() == [6, 7, 5]
+    assert int(res.ptr) == 2 and int(res.filled) == 3
+
+
+def test_reservoir_state_is_buffers():
+    res = Reservoir(4, 3)
+    res.enqueue(torch.ones(2, 3), torch.tensor([0, 1]))
+    state = res.state_dict()
+    assert set(state) == {"keys", "tags", "ptr", "filled"}
+    clone = Reservoir(4, 3)
+    clone.load_state_dict(state)
+    assert int(clone.ptr) == 2 and clone.tags.tolist() == [0, 1, -1, -1]
+
+
+# ---------------------------------------------------------------- prototypes (paper eq. 3)
+def test_prototypes_init_normalised_and_seeded():
+    a, b = Prototypes(4, 8, seed=3), Prototypes(4, 8, seed=3)
+    assert torch.equal(a.P, b.P)
+    assert torch.allclose(a.P.norm(dim=1), torch.ones(4))
+    assert "P" in a.state_dict()
+
+
+def test_prototype_update_single_label_image():
+    protos = Prototypes(3, 4, seed=0)
+    p0 = protos.P.clone()
+    z = _unit(1, 4, 11)
+    labels = torch.tensor([[0, 1, 0]])
+    for mode in ("single", "adaptive"):
+        protos.P.copy_(p0)
+        protos.update(z, labels, momentum=0.9, mode=mode, tau=0.1)
+        expected = F.normalize(0.9 * p0[1] + 0.1 * z[0], dim=0)
+        assert torch.allclose(protos.P[1], expected, atol=1e-6)
+        assert torch.equal(protos.P[[0, 2]], p0[[0, 2]])
+
+
+def test_prototype_update_two_label_image_adaptive_and_single():
+    protos = Prototypes(3, 4, seed=1)
+    p0 = protos.P.clone()
+    z = _unit(1, 4, 12)
+    labels = torch.tensor([[1, 0, 1]])
+    protos.update(z, labels, momentum=0.9, mode="adaptive", tau=0.1)
+    c0, c2 = float(p0[0] @ z[0]), float(p0[2] @ z[0])
+    w0 = math.exp(c0 / 0.1) / (math.exp(c0 / 0.1) + math.exp(c2 / 0.1))
+    w2 = 1.0 - w0
+    assert torch.allclose(protos.P[0], F.normalize(0.9 * p0[0] + 0.1 * w0 * z[0], dim=0), atol=1e-6)
+    assert torch.allclose(protos.P[2], F.normalize(0.9 * p0[2] + 0.1 * w2 * z[0], dim=0), atol=1e-6)
+    assert torch.equal(protos.P[1], p0[1])
+    protos.P.copy_(p0)
+    protos.update(z, labels, momentum=0.9, mode="single", tau=0.1)  # multi-label: skipped
+    assert torch.equal(protos.P, p0)
+
+
+def test_prototype_update_is_sequential_in_batch_order():
+    protos = Prototypes(2, 4, seed=2)
+    p0 = protos.P.clone()
+    z = _unit(2, 4, 13)
+    protos.update(z, torch.tensor([[1, 0], [1, 0]]), momentum=0.9)
+    first = F.normalize(0.9 * p0[0] + 0.1 * z[0], dim=0)
+    assert torch.allclose(protos.P[0], F.normalize(0.9 * first + 0.1 * z[1], dim=0), atol=1e-6)
+
+
+# ---------------------------------------------------------------- teacher and projection
+def test_ema_teacher_update_exact_and_buffers_copied():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    teacher = EMATeacher(student, momentum=0.9)
+    old = teacher.module[0].weight.clone()
+    with torch.no_grad():
+        student[0].weight.add_(1.0)
+    student.train()
+    student(torch.randn(5, 3))  # moves the BN running stats
+    teacher.update(student, 0.9)
+    assert torch.allclose(teacher.module[0].weight, 0.9 * old + 0.1 * (old + 1.0), atol=1e-6)
+    assert torch.equal(teacher.module[1].running_mean, student[1].running_mean)
+    assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_stays_in_eval():
+    teacher = EMATeacher(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), momentum=0.999)
+    teacher.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not teacher(torch.randn(2, 2, requires_grad=True)).requires_grad
+
+
+def test_projection_output_unit_norm():
+    head = ProjectionHead(8, hidden=16)
+    out = head(torch.randn(2, 5, 8))
+    assert out.shape == (2, 5, 8)
+    assert torch.allclose(out.norm(dim=-1), torch.ones(2, 5), atol=1e-5)
+
+
+# ---------------------------------------------------------------- L_ptc (ToCo)
+def _ptc_case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """6 tokens (2×3): class 1 ×2 identical (scaled), class 2 ×2 orthogonal, one background
+    token anti-aligned with class 1 (|cos| = 1), one middle-band token (ignored)."""
+    e = torch.eye(4)
+    vecs = torch.stack([e[0], 3 * e[0], e[1], e[2], -e[0], e[0]])  # (6, D)
+    tokens = vecs.T.reshape(1, 4, 2, 3)
+    cam = torch.zeros(1, 3, 6)
+    cam[0, 0, :2] = 0.9  # class 1
+    cam[0, 1, 2:4] = 0.8  # class 2
+    cam[0, 0, 4] = 0.1  # background …
+    cam[0, 2, 4] = 0.95  # … because class 3 is not a label of the image
+    cam[0, 0, 5] = 0.5  # middle band → ignored
+    labels = torch.tensor([[1.0, 1.0, 0.0]])
+    return tokens, cam.reshape(1, 3, 2, 3), labels
+
+
+def test_ptc_token_labels():
+    _, cam, labels = _ptc_case()
+    lab = ptc_token_labels(cam, labels, bkg=0.5, high=0.7, low=0.25)
+    assert lab.flatten().tolist() == [1, 1, 2, 2, 0, -1]
+
+
+def test_patch_token_contrast_known_value():
+    tokens, cam, labels = _ptc_case()
+    # same-label ordered pairs: (0,1),(1,0) |cos| 1; (2,3),(3,2) 0 → mean 0.5
+    # different-label pairs: 20 − 4 = 16; |cos| 1 only for (0,4),(4,0),(1,4),(4,1) → 0.25
+    loss = patch_token_contrast(tokens, cam, labels, bkg=0.5, high=0.7, low=0.25)
+    assert loss.item() == pytest.approx(0.5 * (1 - 0.5) + 0.5 * 0.25, abs=1e-6)
+    # an image with only ignored tokens adds no pair
+    tokens2 = torch.cat([tokens, torch.randn_like(tokens)])
+    cam2 = torch.cat([cam, torch.full_like(cam, 0.5)])
+    loss2 = patch_token_contrast(tokens2, cam2, labels.repeat(2, 1), 0.5, 0.7, 0.25)
+    assert loss2.item() == pytest.approx(loss.item(), abs=1e-6)
+
+
+def test_patch_token_contrast_empty_halves_contribute_zero():
+    tokens = torch.randn(1, 4, 2, 2, requires_grad=True)
+    cam = torch.full((1, 2, 2, 2), 0.9)  # every token class 1: no different-label pair
+    loss = patch_token_contrast(tokens, cam, torch.tensor([[1.0, 0.0]]), 0.5, 0.7, 0.25)
+    x = F.normalize(tokens.detach().flatten(2), dim=1)[0]
+    cos = (x.T @ x).abs()
+    expected = 0.5 * (1 - (cos.sum() - cos.diag().sum()) / 12)
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(tokens.grad).all()
+    ignored = patch_token_contrast(
+        tokens, torch.full((1, 2, 2, 2), 0.5), torch.ones(1, 2), 0.5, 0.7, 0.25
+    )
+    assert ignored.item() == 0.0
