@@ -71,12 +71,12 @@ class SyntheticParams(_Section):
         ContextCoupling(cls="boat", context="water", rate=0.9),
         ContextCoupling(cls="train", context="rails", rate=0.9),
     ]
-    context_alone_rate: float = Field(0.1, ge=0.0, le=1.0)  # P(a context with no object)
-    objects: list[ObjectCoupling] = [ObjectCoupling(a="horse", b="person", rate=0.9)]
+    context_alone_rate: float = Field(0.15, ge=0.0, le=1.0)  # P(a context with no object)
+    objects: list[ObjectCoupling] = [ObjectCoupling(a="horse", b="person", rate=0.85)]
     empty_rate: float = Field(0.05, ge=0.0, le=1.0)  # images with no object at all
     # Relative frequency of each class as an image's independent object (default 1); a low
     # weight for a coupled partner makes it rarely appear on its own.
-    class_weights: dict[str, float] = {"person": 0.25}
+    class_weights: dict[str, float] = {"person": 0.35}
     # Per-class size multiplier on object_size (default 1).
     class_scales: dict[str, float] = {"train": 0.7}
     max_objects: int = Field(2, ge=1, le=8)  # independent objects per image (couplings add)
