@@ -1,0 +1,227 @@
+"""Stage `evaluate`: CAM seeds, pseudo masks and segmentation against the ground truth
+(SPEC §8) → a compact metrics JSON for `dvc metrics`, plot data and a full report.
+
+Scored sources (images without a ground-truth mask are skipped and counted):
+
+- ``cams``: CAM seeds of the cams split (``cams.split`` or ``data.train_split``) at
+  ``evaluate.cam_bkg``, plus the ``evaluate.bkg_sweep`` curve (one pass over the images);
+- ``pseudo``: pseudo masks, made from those CAMs, on the same split;
+- ``segment``: the segmentation of the eval split (``segment.split`` or ``data.eval_split``),
+  variant ``raw``. A later variant ``<v>`` becomes a source ``segment_<v>`` (see
+  ``SEGMENT_VARIANTS``) with the same entries everywhere.
+
+Pairs (paper Table 3) come from ``evaluate.pairs`` or, when that is empty, from the
+``evaluate.top_pairs`` most frequent class pairs of the train split's co-occurrence counts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seco_cli.cams import resize_scores
+from seco_cli.data.prepared import PreparedDataset
+from seco_cli.errors import SecoError
+from seco_cli.jsonio import write_json
+from seco_cli.metrics import (
+    BkgSweep,
+    ConfusionMatrix,
+    best_threshold,
+    confusion_rows,
+    cooccurring_pairs,
+    pair_table,
+    resolve_pairs,
+    summarize,
+)
+from seco_cli.params import Params
+from seco_cli.store import StoreReader, fresh_output_dir
+
+# segmentation store variant → source name in the report (array naming: "raw" = the image id)
+SEGMENT_VARIANTS = {"raw": "segment"}
+HEADLINE = ("miou", "precision", "recall", "fp_tp")
+PAIR_SOURCES = ("cams", *SEGMENT_VARIANTS.values())
+Advance = Callable[[int], None]
+
+
+# --------------------------------------------------------------------------- workers (no I/O)
+def score_masks(items: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int,
+                advance: Advance | None = None) -> ConfusionMatrix:
+    """Accumulate (ground truth, prediction) pairs of ``(H, W)`` masks."""
+    cm = ConfusionMatrix(num_classes)
+    for gt, pred in items:
+        cm.update(gt, pred)
+        if advance:
+            advance(1)
+    return cm
+
+
+def score_cams(items: Iterable[tuple[np.ndarray, np.ndarray, list[int]]], num_classes: int,
+               thresholds: list[float], advance: Advance | None = None) -> BkgSweep:
+    """Accumulate (ground truth, CAM ``(K, h, w)``, labels) at every background threshold."""
+    sweep = BkgSweep(num_classes, thresholds)
+    for gt, cam, labels in items:
+        scores = resize_scores(cam, gt.shape) if len(labels) else cam  # (K, H, W) float32
+        sweep.update(gt, scores, labels)
+        if advance:
+            advance(1)
+    return sweep
+
+
+def source_report(cm: ConfusionMatrix, classes: list[str], pairs: list[tuple[str, str]],
+                  split: str, images: int, skipped: int) -> dict[str, Any]:
+    return {"split": split, "images": images, "skipped_no_mask": skipped,
+            **summarize(cm, classes), "pairs": pair_table(cm, classes, pairs),
+            "confusion": cm.mat.tolist()}
+
+
+def compact(report: dict[str, Any]) -> dict[str, Any]:
+    """The `dvc metrics` summary: headline numbers per source and the pair table."""
+    out: dict[str, Any] = {}
+    for name, src in report["sources"].items():
+        out[name] = {k: src[k] for k in HEADLINE}
+        out[name].update(images=src["images"], skipped_no_mask=src["skipped_no_mask"])
+    cams = report["sources"]["cams"]
+    out["cams"].update(bkg=cams["bkg"], best_bkg=cams["best"]["bkg"], best_miou=cams["best"]["miou"])
+    out["pairs"] = {
+        pair: {name: report["sources"][name]["pairs"][pair] for name in PAIR_SOURCES
+               if name in report["sources"]}
+        for pair in report["sources"]["cams"]["pairs"]
+    }
+    return out
+
+
+def _csv(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(["" if v is None else v for v in row] for row in rows)
+    return buf.getvalue()
+
+
+def plot_files(report: dict[str, Any]) -> dict[str, str]:
+    """File name → text of every file under the plots folder (``None`` cells are empty)."""
+    classes = report["classes"]
+    files = {}
+    for name, src in report["sources"].items():
+        files[f"{name}_per_class.csv"] = _csv(
+            ["class", "iou", "precision", "recall", "fp_tp"],
+            ([r["class"], r["iou"], r["precision"], r["recall"], r["fp_tp"]] for r in src["classes"]))
+        cm = ConfusionMatrix(len(classes))
+        cm.mat[...] = np.asarray(src["confusion"], dtype=np.int64)
+        # dvc's confusion_normalized counts rows, so each GT row i is written as
+        # round(1000 * cm[i, j] / rowsum_i) copies of (class_i, class_j): see confusion_rows
+        files[f"{name}_confusion.csv"] = _csv(["actual", "predicted"], confusion_rows(cm, classes))
+    files["cam_bkg_sweep.csv"] = _csv(
+        ["bkg", "miou"], ([p["bkg"], p["miou"]] for p in report["sources"]["cams"]["sweep"]))
+    files["report.json"] = json.dumps(report, indent=2) + "\n"
+    return files
+
+
+# --------------------------------------------------------------------------- I/O
+def _with_masks(data: PreparedDataset, split: str, store: StoreReader,
+                stage: str) -> tuple[list[str], int]:
+    """Ids of the split that have a mask (the rest are skipped); each must be in the store."""
+    ids = data.ids(split)
+    scored = [i for i in ids if data.has_mask(i)]
+    missing = [i for i in scored if i not in store]
+    if missing:
+        raise SecoError(f"{len(missing)} image(s) of split '{split}' are not in the store "
+                        f"(first: '{missing[0]}')", str(store.path), f"re-run `seco {stage}`")
+    return scored, len(ids) - len(scored)
+
+
+def _checked(image_id: str, gt: np.ndarray, pred: np.ndarray, store: Path, stage: str) -> np.ndarray:
+    if pred.shape != gt.shape:
+        raise SecoError(f"prediction of '{image_id}' is {pred.shape}, its mask {gt.shape}",
+                        str(store), f"re-run `seco {stage}`")
+    return pred
+
+
+def _cam_items(data: PreparedDataset, ids: list[str], store: StoreReader) -> Iterator[tuple]:
+    for i in ids:
+        cam, attrs = store.read_with_attrs(i)
+        labels = list(attrs["labels"])
+        if cam.ndim != 3 or cam.shape[0] != len(labels):
+            raise SecoError(f"CAM of '{i}' is {cam.shape} for {len(labels)} labels",
+                            str(store.path), "re-run `seco cams`")
+        yield data.mask(i), cam, labels
+
+
+def _mask_items(data: PreparedDataset, ids: list[str], store: StoreReader,
+                stage: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    for i in ids:
+        gt = data.mask(i)
+        yield gt, _checked(i, gt, store.read(i), store.path, stage)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pairs(params: Params, data: PreparedDataset) -> list[tuple[str, str]]:
+    ep = params.evaluate
+    pairs = ([(p.victim, p.partner) for p in ep.pairs] if ep.pairs else cooccurring_pairs(
+        data.cooccurrence[params.data.train_split]["pair_counts"], data.classes, ep.top_pairs))
+    resolve_pairs(pairs, data.classes)  # unknown class names fail before any work
+    return pairs
+
+
+def _eval_cams(data: PreparedDataset, store: StoreReader, split: str, params: Params,
+               pairs: list[tuple[str, str]], progress: Advance | None) -> dict[str, Any]:
+    ep = params.evaluate
+    ids, skipped = _with_masks(data, split, store, "cams")
+    sweep = score_cams(_cam_items(data, ids, store), len(data.classes),
+                       [*ep.bkg_sweep, ep.cam_bkg], progress)
+    wanted = {float(t) for t in ep.bkg_sweep}
+    curve = [p for p in sweep.curve(data.classes) if p["bkg"] in wanted]
+    return {**source_report(sweep.cms[float(ep.cam_bkg)], data.classes, pairs, split, len(ids),
+                            skipped),
+            "bkg": ep.cam_bkg, "sweep": curve, "best": best_threshold(curve)}
+
+
+def _eval_masks(data: PreparedDataset, store: StoreReader, stage: str, split: str,
+                pairs: list[tuple[str, str]], progress: Advance | None) -> dict[str, Any]:
+    ids, skipped = _with_masks(data, split, store, stage)
+    cm = score_masks(_mask_items(data, ids, store, stage), len(data.classes), progress)
+    return source_report(cm, data.classes, pairs, split, len(ids), skipped)
+
+
+def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
+        metrics_out: Path, plots_dir: Path, progress: Advance | None = None) -> dict[str, Any]:
+    """Score the three sources, write ``metrics_out`` and the plot folder, return the metrics.
+
+    ``progress``, when given, is called with the number of images just scored (an "advance").
+    """
+    data = PreparedDataset(prepared)
+    cam_store = StoreReader(cams, "cams", stage_hint="cams")
+    pseudo_store = StoreReader(pseudo, "pseudo", stage_hint="pseudo")
+    seg_store = StoreReader(segment, "segment", stage_hint="segment")
+    # pseudo masks are made from the CAMs, so they cover the cams split
+    cam_split = params.cams.split or params.data.train_split
+    seg_split = params.segment.split or params.data.eval_split
+    pairs = _pairs(params, data)
+    sources = {
+        "cams": _eval_cams(data, cam_store, cam_split, params, pairs, progress),
+        "pseudo": _eval_masks(data, pseudo_store, "pseudo", cam_split, pairs, progress),
+        SEGMENT_VARIANTS["raw"]: _eval_masks(data, seg_store, "segment", seg_split, pairs,
+                                             progress),
+    }
+    report = {"classes": data.classes, "pairs": [list(p) for p in pairs],
+              "pairs_from": "params" if params.evaluate.pairs else "cooccurrence",
+              "sources": sources}
+    metrics = compact(report)
+    files = plot_files(report)
+    out_dir = fresh_output_dir(plots_dir)  # cleared only now that every score is in
+    for name, text in files.items():
+        _write_text(out_dir / name, text)
+    write_json(metrics_out, metrics)
+    return metrics
