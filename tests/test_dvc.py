@@ -49,7 +49,7 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return res.stdout + res.stderr
 
 
-def test_dvc_repro_twice_second_runs_nothing(tmp_path: Path):
+def test_dvc_repro_twice_then_experiment_and_metrics_diff(tmp_path: Path):
     if shutil.which("dvc") is None or shutil.which("git") is None:
         pytest.skip("dvc or git is not on PATH")
     repo = tmp_path / "repo"
@@ -83,3 +83,10 @@ def test_dvc_repro_twice_second_runs_nothing(tmp_path: Path):
     assert "Running stage" not in second
     status = _run(["dvc", "status"], repo)
     assert "up to date" in status
+    # an experiment with a train parameter changed reruns train and what follows, not prepare
+    _run([*git, "add", "dvc.lock"], repo)
+    _run([*git, "commit", "-qm", "lock"], repo)
+    exp = _run(["dvc", "exp", "run", "-S", "train.iterations=8"], repo)
+    assert "Running stage 'train'" in exp and "Running stage 'prepare'" not in exp
+    diff = _run(["dvc", "metrics", "diff"], repo)
+    assert "artifacts/metrics/evaluate.json" in diff and "segment.miou" in diff
