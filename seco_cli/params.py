@@ -142,7 +142,9 @@ class ModelParams(_Section):
 class TrainParams(_Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    preset: Literal["baseline"] = "baseline"
+    # which terms train (SPEC §6 presets); applied on top of the weights below
+    preset: Literal["baseline", "toco_like", "no_lig", "no_lil", "no_rectify", "seco",
+                    "fully_supervised"] = "baseline"
     iterations: int = Field(1500, ge=1)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -164,7 +166,49 @@ class TrainParams(_Section):
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)
     w_seg: float = Field(0.12, ge=0)
-    seg_start: int = Field(500, ge=0)
+    seg_start: int = Field(500, ge=0)  # also the start of L_reg
+    w_ptc: float = Field(0.3, ge=0)
+    ptc_start: int = Field(0, ge=0)
+    w_lig: float = Field(0.5, ge=0)
+    w_lil: float = Field(0.5, ge=0)
+    contrast_start: int = Field(300, ge=0)  # L_iG and L_iL (VOC: 1000)
+    w_reg: float = Field(0.05, ge=0)
+    # PTC token labels (SPEC §6)
+    ptc_bkg: float = Field(0.5, ge=0, le=1)
+    ptc_high: float = Field(0.7, ge=0, le=1)
+    ptc_low: float = Field(0.25, ge=0, le=1)
+    # PAR refinement of the online pseudo labels (SPEC §6); 0 iterations = off
+    par_iterations: int = Field(10, ge=0)
+    par_dilations: list[int] = [1, 2, 4, 8, 12, 24]
+    # L_reg dense-CRF energy (SPEC §6), on the segmentation at half resolution
+    reg_scale: float = Field(1e-7, gt=0)
+    reg_sigma_rgb: float = Field(15.0, gt=0)
+    reg_sigma_xy: float = Field(100.0, gt=0)  # at full resolution; halved with the image
+    reg_radius: int = Field(16, ge=1)  # window of the approximation beyond reg_max_exact
+    reg_max_exact: int = Field(4096, ge=0)  # gated pixels per image up to which W is exact
+    # Separate: patches and tags (SPEC §3)
+    num_patches: int = Field(10, ge=1)
+    patch_size: int = Field(32, ge=4)  # VOC: 64 at crop 448 (4×4 tokens)
+    tag_threshold: float = Field(0.2, ge=0, le=1)
+    key_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    key_p_jitter: float = Field(0.8, ge=0, le=1)
+    key_p_gray: float = Field(0.2, ge=0, le=1)
+    key_p_blur: float = Field(0.5, ge=0, le=1)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    global_p_jitter: float = Field(0.8, ge=0, le=1)
+    global_p_gray: float = Field(0.2, ge=0, le=1)
+    global_p_blur: float = Field(0.1, ge=0, le=1)
+    global_p_solarize: float = Field(0.2, ge=0, le=1)
+    # Conquer: teacher, prototypes, reservoir, contrasts (SPEC §2, §4, §5)
+    proj_hidden: int = Field(512, ge=1)  # VOC: 2048
+    teacher_momentum: float = Field(0.999, ge=0, le=1)
+    proto_momentum: float = Field(0.9, ge=0, le=1)
+    proto_start: int = Field(100, ge=0)  # VOC: 600
+    prototype_update: Literal["adaptive", "single"] = "adaptive"
+    tau_g: float = Field(0.1, gt=0)
+    tau_l: float = Field(0.08, gt=0)
+    reservoir_capacity: int = Field(1920, ge=1)  # VOC: 4608; a multiple of the keys per step
+    rectify_proportion: float = Field(0.8, ge=0, le=1)
     # bookkeeping
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(500, ge=1)
@@ -178,7 +222,18 @@ class TrainParams(_Section):
             raise ValueError("train.scale_range must satisfy 0 < low <= high")
         if not self.cam_scales or any(s <= 0 for s in self.cam_scales):
             raise ValueError("train.cam_scales must be a non-empty list of positive scales")
+        if self.ptc_low > self.ptc_high:
+            raise ValueError(f"train.ptc_low ({self.ptc_low}) must be <= train.ptc_high ({self.ptc_high})")
+        per_step = self.batch_size * (self.num_patches + 2)  # patches + 2 global views per image
+        if self.reservoir_capacity % per_step:
+            raise ValueError(
+                f"train.reservoir_capacity ({self.reservoir_capacity}) must be a multiple of the "
+                f"keys per step, batch_size × (num_patches + 2) = {per_step}")
         return self
+
+    @property
+    def keys_per_step(self) -> int:
+        return self.batch_size * (self.num_patches + 2)
 
 
 # --------------------------------------------------------------------------- inference
@@ -222,6 +277,8 @@ class EvaluateParams(_Section):
 
 
 class Params(_Section):
+    """All parameters; cross-section checks live here."""
+
     data: DataParams = DataParams()
     prepare: PrepareParams = PrepareParams()
     model: ModelParams = ModelParams()
@@ -230,6 +287,13 @@ class Params(_Section):
     pseudo: PseudoParams = PseudoParams()
     segment: SegmentParams = SegmentParams()
     evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        if self.train.patch_size > self.model.crop_size:
+            raise ValueError(f"train.patch_size ({self.train.patch_size}) is larger than the "
+                             f"crop, model.crop_size ({self.model.crop_size})")
+        return self
 
     def dump(self) -> dict[str, Any]:
         """Plain JSON-able dict (what artifacts record)."""

@@ -1,8 +1,8 @@
-"""The single-stage training loop (SPEC §6-7), baseline objective.
+"""The single-stage training loop (SPEC §6-7).
 
-One iteration is a sequence of named phases: views (the batch), student forward, online
-pseudo labels (no grad), losses (a dict of named terms, weighted by per-iteration schedule
-arrays and summed), optimiser step. Checkpoints every ``ckpt_every`` iterations hold all
+One iteration: the batch, the method's phases (student forward, online CAM, separate,
+conquer, pseudo labels; :mod:`seco_cli.method`) returning named loss terms, weighted by
+per-iteration schedule arrays and summed, the optimiser step, the teacher's EMA. Checkpoints every ``ckpt_every`` iterations hold all
 that exact resumption needs; the final model records params, seed and git revision.
 """
 
@@ -17,18 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from seco_cli.cams import fuse_cams, normalise_cams
 from seco_cli.checkpoint import load_checkpoint, save_atomic
 from seco_cli.data.loader import TrainSamples, train_loader
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.errors import SecoError
-from seco_cli.losses.classification import multilabel_loss
-from seco_cli.losses.segmentation import balanced_seg_loss
-from seco_cli.models.network import SeCoNet
+from seco_cli.method import SeCo, StepWeights
 from seco_cli.params import Params
-from seco_cli.pseudo_labels import cams_to_labels
 from seco_cli.schedules import lr_multipliers, step_weights
 
 
@@ -36,33 +31,66 @@ class NonFiniteLoss(SecoError):
     """A loss term became NaN/inf; training stops and keeps the last good checkpoint."""
 
 
+# Which terms each preset trains (SPEC §6). fully_supervised trains the segmentation head on
+# ground-truth masks only: the upper bound of the weakly / fully supervised ratio (SPEC §8).
+PRESETS: dict[str, set[str]] = {
+    "baseline": {"cls", "aux", "seg", "reg"},
+    "toco_like": {"cls", "aux", "seg", "reg", "ptc"},
+    "no_lig": {"cls", "aux", "seg", "reg", "ptc", "lil", "rectify"},
+    "no_lil": {"cls", "aux", "seg", "reg", "ptc", "lig"},
+    "no_rectify": {"cls", "aux", "seg", "reg", "ptc", "lig", "lil"},
+    "seco": {"cls", "aux", "seg", "reg", "ptc", "lig", "lil", "rectify"},
+    "fully_supervised": {"seg", "gt_seg"},
+}
+
+
 @dataclass
 class Schedules:
-    """Per-iteration arrays of every scheduled scalar."""
+    """Per-iteration arrays of every scheduled scalar (a weight of 0 skips its term)."""
 
     lr: np.ndarray
-    w_cls: np.ndarray
-    w_aux: np.ndarray
-    w_seg: np.ndarray
+    weights: dict[str, np.ndarray]
+    rectify: bool
+    gt_seg: bool
+    proto_start: int
 
     @classmethod
     def build(cls, tp) -> Schedules:
-        n = tp.iterations
-        return cls(
-            lr=lr_multipliers(n, tp.warmup_iters, tp.warmup_ratio, tp.poly_power),
-            w_cls=step_weights(n, tp.w_cls, 0),
-            w_aux=step_weights(n, tp.w_aux, 0),
-            w_seg=step_weights(n, tp.w_seg, tp.seg_start),
-        )
+        n, on = tp.iterations, PRESETS[tp.preset]
+        gt = "gt_seg" in on
+
+        def term(name: str, weight: float, start: int) -> np.ndarray:
+            return step_weights(n, weight if name in on else 0.0, start)
+
+        weights = {
+            "cls": term("cls", tp.w_cls, 0),
+            "aux": term("aux", tp.w_aux, 0),
+            "seg": term("seg", tp.w_seg if not gt else 1.0, tp.seg_start if not gt else 0),
+            "reg": term("reg", tp.w_reg, tp.seg_start),
+            "ptc": term("ptc", tp.w_ptc, tp.ptc_start),
+            "lig": term("lig", tp.w_lig, tp.contrast_start),
+            "lil": term("lil", tp.w_lil, tp.contrast_start),
+        }
+        return cls(lr=lr_multipliers(n, tp.warmup_iters, tp.warmup_ratio, tp.poly_power),
+                   weights=weights, rectify="rectify" in on, gt_seg=gt, proto_start=tp.proto_start)
+
+    def at(self, it: int) -> StepWeights:
+        w = {k: float(v[it]) for k, v in self.weights.items()}
+        return StepWeights(**w, rectify=self.rectify, proto=it >= self.proto_start,
+                           gt_seg=self.gt_seg)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return bool(self.weights["lig"].any() or self.weights["lil"].any())
 
 
-def build_optimizer(net: SeCoNet, params: Params) -> torch.optim.Optimizer:
+def build_optimizer(method: SeCo, params: Params) -> torch.optim.Optimizer:
     tp = params.train
-    head = {id(p) for p in net.head_parameters()}
-    backbone = [p for p in net.parameters() if id(p) not in head]
+    head = {id(p) for p in method.head_parameters()}
+    backbone = [p for p in method.trainable_parameters() if id(p) not in head]
     groups = [
         {"params": backbone, "lr": tp.lr, "base_lr": tp.lr},
-        {"params": net.head_parameters(), "lr": tp.lr * tp.head_lr_mult,
+        {"params": method.head_parameters(), "lr": tp.lr * tp.head_lr_mult,
          "base_lr": tp.lr * tp.head_lr_mult},
     ]
     return torch.optim.AdamW(groups, lr=tp.lr, betas=tp.betas, weight_decay=tp.weight_decay)
@@ -74,69 +102,54 @@ class Trainer:
         self.params, self.data, self.device, self.meta = params, data, device, meta
         tp = params.train
         torch.manual_seed(tp.seed)
-        self.net = SeCoNet(params.model, data.num_classes).to(device)
-        self.optimizer = build_optimizer(self.net, params)
+        self.method = SeCo(params, data.num_classes).to(device)
+        self.net = self.method.net
+        self.optimizer = build_optimizer(self.method, params)
         self.sched = Schedules.build(tp)
         self.iteration = 0
         self.autocast = device.type == "cuda"  # bf16 on CUDA, float32 on CPU (SPEC §7)
+        self.mean = torch.tensor(params.data.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(params.data.std, device=device).view(1, 3, 1, 1)
 
-    # ------------------------------------------------------------------ phases
-    @torch.no_grad()
-    def online_labels(self, images: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-                      it: int) -> torch.Tensor:
-        """Multi-scale CAM → region map (SPEC §3.2-3.3); aux CAM before ``cam2mask``."""
-        tp = self.params.train
-        aux = it < tp.cam2mask
-        was_training = self.net.training
-        self.net.eval()
-        cam = fuse_cams(lambda x: self.net.cams(x, aux=aux), images, tp.cam_scales, True,
-                        images.shape[-2:])
-        self.net.train(was_training)
-        return cams_to_labels(normalise_cams(cam, labels), valid, tp.cam_high, tp.cam_low)
+    def _normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.mean) / self.std
 
-    def losses(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, torch.Tensor]:
-        images, labels = batch["image"], batch["labels"]
-        s = self.sched
-        want_seg = s.w_seg[it] > 0
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            out = self.net(images, with_seg=want_seg)
-        terms: dict[str, torch.Tensor] = {}
-        if s.w_cls[it] > 0:
-            terms["cls"] = multilabel_loss(out.logits, labels)
-        if s.w_aux[it] > 0:
-            terms["aux"] = multilabel_loss(out.aux_logits, labels)
-        if want_seg:
-            target = self.online_labels(images, labels, batch["valid"], it)
-            seg = F.interpolate(out.seg.float(), size=images.shape[-2:], mode="bilinear",
-                                align_corners=False)
-            terms["seg"] = balanced_seg_loss(seg, target)
-        return terms
+    def _generator(self, it: int) -> torch.Generator:
+        """Randomness of the step's views and patches from (seed, iteration) (SPEC §3.8)."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.params.train.seed * 1_000_003 + it)
+        return gen
 
     def step(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, float]:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        self.net.train()
-        terms = self.losses(batch, it)
+        self.method.train()
+        w = self.sched.at(it)
+        raw = (batch["image"] * self.std + self.mean).clamp(0, 1)  # un-normalised, for views
+        terms, stats = self.method.losses(batch, it, w, raw, self._generator(it), self._normalise,
+                                          self.autocast)
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise NonFiniteLoss(
                     f"loss term '{name}' became {value.item()} at iteration {it}",
                     "train", "lower train.lr or check the data; the last checkpoint is kept")
-        weights = {"cls": self.sched.w_cls[it], "aux": self.sched.w_aux[it], "seg": self.sched.w_seg[it]}
-        total = sum(float(weights[k]) * v for k, v in terms.items())
+        total = sum(getattr(w, k) * v for k, v in terms.items())
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * float(self.sched.lr[it])
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
+        if self.sched.uses_teacher:
+            self.method.update_teacher()
         logged = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
         logged["loss/total"] = float(total.detach())
         logged["lr"] = self.optimizer.param_groups[0]["lr"]
+        logged.update({f"seco/{k}": v for k, v in stats.items()})
         return logged
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         return {
-            "model": self.net.state_dict(),
+            "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.iteration,
             "torch_rng": torch.get_rng_state(),
@@ -144,13 +157,14 @@ class Trainer:
         }
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
-        self.net.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.iteration = int(ckpt["iteration"])
         torch.set_rng_state(ckpt["torch_rng"])
 
     def final(self) -> dict[str, Any]:
-        return {"model": self.net.state_dict(), "meta": self.meta}
+        return {"model": self.net.state_dict(), "prototypes": self.method.prototypes.P.clone(),
+                "meta": self.meta}
 
 
 def train(params: Params, data: PreparedDataset, device: torch.device, meta: dict[str, Any],
@@ -171,7 +185,8 @@ def train(params: Params, data: PreparedDataset, device: torch.device, meta: dic
         raise SecoError(f"split '{params.data.train_split}' is empty", "data.train_split",
                         "choose a split with images")
     samples = TrainSamples(data, ids, tp.batch_size, tp.seed, params.model.crop_size,
-                           tp.scale_range, params.data.mean, params.data.std)
+                           tp.scale_range, params.data.mean, params.data.std,
+                           with_masks=trainer.sched.gt_seg)
     loader = train_loader(samples, trainer.iteration, tp.iterations, tp.num_workers)
     sums: dict[str, float] = {}
     count, t0 = 0, time.perf_counter()

@@ -25,6 +25,12 @@ TINY = [
     "train.cam2mask=4",
     "train.log_every=2",
     "train.ckpt_every=3",
+    "train.num_patches=4",
+    "train.patch_size=16",
+    "train.proj_hidden=32",
+    "train.reservoir_capacity=48",
+    "train.contrast_start=2",
+    "train.proto_start=1",
     "cams.batch_size=8",
     "segment.batch_size=8",
 ]

@@ -14,7 +14,8 @@ from seco_cli.losses.segmentation import balanced_seg_loss
 from seco_cli.params import Params
 from seco_cli.pseudo_labels import cams_to_labels
 from seco_cli.schedules import lr_multipliers, step_weights
-from seco_cli.trainer import NonFiniteLoss, Trainer, train
+from seco_cli.trainer import PRESETS, NonFiniteLoss, Schedules, Trainer, train
+from tests.conftest import tiny_params
 
 
 def test_lr_schedule_warmup_then_poly():
@@ -60,8 +61,10 @@ def _meta(p: Params, data: PreparedDataset) -> dict:
     return {"backbone": p.model.backbone, "num_classes": data.num_classes, "params": p.dump()}
 
 
-def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, tiny: Params,
+@pytest.mark.parametrize("preset", ["baseline", "seco"])
+def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str,
                                      monkeypatch: pytest.MonkeyPatch):
+    tiny = tiny_params(f"train.preset={preset}")
     data = PreparedDataset(prepared)
     cpu = torch.device("cpu")
     full = train(tiny, data, cpu, _meta(tiny, data), tmp_path / "a", False, lambda *_: None)
@@ -82,13 +85,16 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, tiny: Param
     monkeypatch.setattr(Trainer, "step", original)
     resumed = train(tiny, data, cpu, _meta(tiny, data), tmp_path / "b", True, lambda *_: None)
     assert resumed.iteration == full.iteration == 6
-    for (name, a), (_, b) in zip(full.net.state_dict().items(), resumed.net.state_dict().items(), strict=False):
-        assert torch.equal(a, b), name
+    # everything: student, projection, teacher, reservoir with tags and pointer, prototypes
+    a_state, b_state = full.method.state_dict(), resumed.method.state_dict()
+    assert a_state.keys() == b_state.keys()
+    for name, a in a_state.items():
+        assert torch.equal(a, b_state[name]), name
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,
                                                        tiny: Params, monkeypatch: pytest.MonkeyPatch):
-    import seco_cli.trainer as trainer_mod
+    import seco_cli.method as trainer_mod
 
     data = PreparedDataset(prepared)
     real = trainer_mod.multilabel_loss
@@ -103,3 +109,60 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared:
     with pytest.raises(NonFiniteLoss, match="loss term 'cls' became nan at iteration 4"):
         train(tiny, data, torch.device("cpu"), _meta(tiny, data), tmp_path, False, lambda *_: None)
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 3
+
+
+def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepared: Path):
+    p = tiny_params("train.preset=seco", "train.iterations=5", "train.contrast_start=1",
+                    "train.seg_start=1", "train.proto_start=0")
+    data = PreparedDataset(prepared)
+    logs: list[dict[str, float]] = []
+    trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
+                    lambda step, values: logs.append(values))
+    seen = {k for values in logs for k in values}
+    for term in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil"):
+        assert f"loss/{term}" in seen, term
+    assert all(np.isfinite(v) for values in logs for v in values.values())
+    for stat in ("tag_background", "tag_class", "tag_uncertain", "reservoir_fill",
+                 "rectified_fraction"):
+        assert f"seco/{stat}" in seen, stat
+    # keys of 4 steps (4 images × (4 patches + 2 global views)) are in the reservoir
+    assert int(trainer.method.reservoir.filled) == 48
+    # prototypes were updated from their random init and stay unit norm
+    norms = trainer.method.prototypes.P.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_presets_switch_terms(preset: str):
+    p = tiny_params(f"train.preset={preset}", "train.iterations=10", "train.contrast_start=0",
+                    "train.seg_start=0", "train.ptc_start=0")
+    w = Schedules.build(p.train).at(5)
+    on = {k for k in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil") if getattr(w, k) > 0}
+    expected = {
+        "baseline": {"cls", "aux", "seg", "reg"},
+        "toco_like": {"cls", "aux", "seg", "reg", "ptc"},
+        "no_lig": {"cls", "aux", "seg", "reg", "ptc", "lil"},
+        "no_lil": {"cls", "aux", "seg", "reg", "ptc", "lig"},
+        "no_rectify": {"cls", "aux", "seg", "reg", "ptc", "lig", "lil"},
+        "seco": {"cls", "aux", "seg", "reg", "ptc", "lig", "lil"},
+        "fully_supervised": {"seg"},
+    }[preset]
+    assert on == expected
+    assert w.rectify == (preset in {"seco", "no_lig"})
+    assert w.gt_seg == (preset == "fully_supervised")
+
+
+def test_zero_weight_skips_the_term():
+    p = tiny_params("train.preset=seco", "train.w_lig=0", "train.iterations=10",
+                    "train.contrast_start=0")
+    assert Schedules.build(p.train).at(5).lig == 0.0
+
+
+def test_fully_supervised_trains_on_ground_truth(tmp_path: Path, prepared: Path):
+    p = tiny_params("train.preset=fully_supervised", "train.iterations=3")
+    data = PreparedDataset(prepared)
+    logs: list[dict[str, float]] = []
+    train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
+          lambda step, values: logs.append(values))
+    seen = {k for values in logs for k in values if k.startswith("loss/")}
+    assert seen == {"loss/seg", "loss/total"}

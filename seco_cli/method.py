@@ -1,0 +1,236 @@
+"""SeCo: the network plus everything the method trains with (SPEC §2–6).
+
+:class:`SeCo` holds the student network, the projection head, the local teacher (EMA of
+backbone + projection), the reservoir with its tag pool and the class prototypes — all as
+submodules or buffers, so one ``state_dict`` checkpoints them. :meth:`SeCo.losses` runs one
+training step's phases and returns the named loss terms and statistics; the trainer weights
+and sums the terms. A term whose weight is 0 at this iteration is not computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seco_cli.cams import fuse_cams, normalise_cams
+from seco_cli.data.views import global_view, strong_view
+from seco_cli.losses.classification import multilabel_loss
+from seco_cli.losses.contrast import (
+    global_contrast,
+    local_contrast,
+    patch_token_contrast,
+    rectify,
+)
+from seco_cli.losses.crf import crf_energy
+from seco_cli.losses.segmentation import balanced_seg_loss
+from seco_cli.memory import Prototypes, Reservoir
+from seco_cli.models.network import NetOutput, SeCoNet
+from seco_cli.models.projection import ProjectionHead
+from seco_cli.params import Params
+from seco_cli.pseudo_labels import cams_to_labels
+from seco_cli.refine import par_refine
+from seco_cli.tags import crop_patches, global_tags, patch_tags, region_map, sample_patch_boxes
+from seco_cli.teacher import EMATeacher
+
+IGNORE = 255
+
+
+@dataclass
+class StepWeights:
+    """Loss weights and switches at one iteration (from the schedule arrays)."""
+
+    cls: float
+    aux: float
+    seg: float
+    ptc: float
+    lig: float
+    lil: float
+    reg: float
+    rectify: bool
+    proto: bool
+    gt_seg: bool  # fully supervised: segmentation on ground-truth masks
+
+
+class SeCo(nn.Module):
+    def __init__(self, params: Params, num_classes: int):
+        super().__init__()
+        tp = params.train
+        self.params = params
+        self.net = SeCoNet(params.model, num_classes)
+        dim = self.net.backbone.dim
+        self.proj = ProjectionHead(dim, tp.proj_hidden)
+        self.teacher = EMATeacher(self._student_encoder(), tp.teacher_momentum)
+        self.reservoir = Reservoir(tp.reservoir_capacity, dim)
+        self.prototypes = Prototypes(num_classes, dim, seed=tp.seed)
+
+    def _student_encoder(self) -> nn.ModuleDict:
+        return nn.ModuleDict({"backbone": self.net.backbone, "proj": self.proj})
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """Trained at ``head_lr_mult`` × lr: classifiers, decoder, projection head (SPEC §2)."""
+        return [*self.net.head_parameters(), *self.proj.parameters()]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.net.parameters(), *self.proj.parameters()]
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        self.teacher.update(self._student_encoder(), self.params.train.teacher_momentum)
+
+    # ------------------------------------------------------------------ phases
+    @torch.no_grad()
+    def online_cam(self, images: torch.Tensor, labels: torch.Tensor, aux: bool) -> torch.Tensor:
+        """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W)."""
+        was = self.net.training
+        self.net.eval()
+        cam = fuse_cams(lambda x: self.net.cams(x, aux=aux), images, self.params.train.cam_scales,
+                        True, images.shape[-2:])
+        self.net.train(was)
+        return normalise_cams(cam, labels)
+
+    @torch.no_grad()
+    def pseudo_labels(self, images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor,
+                      valid: torch.Tensor) -> torch.Tensor:
+        """Online segmentation labels (SPEC §6): background maps at ``high`` and ``low``, each
+        softmaxed over background + the image's classes and refined by PAR; class where the
+        high map says a class, background where both say background, 255 elsewhere."""
+        tp = self.params.train
+        if tp.par_iterations == 0:
+            return cams_to_labels(cam, valid, tp.cam_high, tp.cam_low)
+        present = torch.cat([torch.ones_like(labels[:, :1]), labels], 1)[..., None, None] > 0
+        maps = []
+        for thr in (tp.cam_high, tp.cam_low):
+            scores = torch.cat([torch.full_like(cam[:, :1], thr), cam], 1)  # (B, 1 + C, H, W)
+            probs = scores.masked_fill(~present, float("-inf")).softmax(1)
+            probs = par_refine(images, probs, tp.par_dilations, tp.par_iterations)
+            maps.append(probs.masked_fill(~present, -1.0).argmax(1))  # (B, H, W), 0 = bkg
+        high, low = maps
+        label = torch.full_like(high, IGNORE)
+        label[high > 0] = high[high > 0]
+        label[(high == 0) & (low == 0)] = 0
+        label[~valid] = IGNORE
+        return label
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Student embedding of images/patches: class token → projection (N, d)."""
+        return self.proj(self.net.backbone(x)[2])
+
+    @torch.no_grad()
+    def _teacher_embed(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.teacher.module
+        return enc["proj"](enc["backbone"](x)[2])
+
+    def _views(self, images: torch.Tensor, raw: torch.Tensor, region: torch.Tensor,
+               valid: torch.Tensor, labels: torch.Tensor, gen: torch.Generator,
+               normalise) -> dict[str, torch.Tensor]:
+        """Separate (SPEC §3.4–3.7): patches with tags, weak/strong views, second global view."""
+        tp = self.params.train
+        boxes, too_small = sample_patch_boxes(region, valid, tp.num_patches, tp.patch_size, gen)
+        tags = patch_tags(region, boxes, labels, tp.tag_threshold, too_small)  # (B, n)
+        query = crop_patches(images, boxes, tp.patch_size)  # (B*n, 3, p, p) weak → student
+        key = normalise(strong_view(crop_patches(raw, boxes, tp.patch_size), gen, tp.key_jitter,
+                                    tp.key_p_jitter, tp.key_p_gray, tp.key_p_blur))
+        second = normalise(global_view(
+            raw, gen, images.shape[-1], tp.global_scale, p_jitter=tp.global_p_jitter,
+            p_gray=tp.global_p_gray, p_blur=tp.global_p_blur, p_solarize=tp.global_p_solarize,
+            valid=valid))
+        return {"query": query, "key": key, "tags": tags.flatten(), "second": second,
+                "global_tags": global_tags(region, labels)}
+
+    def contrast_terms(self, out: NetOutput, images: torch.Tensor, raw: torch.Tensor,
+                       valid: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor,
+                       w: StepWeights, gen: torch.Generator, normalise,
+                       stats: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Conquer (SPEC §4–5): L_iG against prototypes, rectification, L_iL against keys ∪
+        reservoir; then the reservoir and prototypes are updated."""
+        tp = self.params.train
+        region = region_map(cam, valid, tp.cam_high, tp.cam_low)
+        v = self._views(images, raw, region, valid, labels, gen, normalise)
+        # student: all patches in one forward, the second global view in another; view 1
+        # reuses the step's forward `out` (its class token)
+        q_global = self.proj(out.embedding)  # (B, d)
+        q = torch.cat([self._embed(v["query"]), q_global, self._embed(v["second"])])  # (B*n+2B, d)
+        tags = torch.cat([v["tags"], v["global_tags"], v["global_tags"]])
+        # teacher keys aligned with q: strong patches, then both global views in one forward
+        keys = torch.cat([self._teacher_embed(v["key"]),
+                          self._teacher_embed(torch.cat([images, v["second"]]))])
+        terms: dict[str, torch.Tensor] = {}
+        # copies: the reservoir and prototypes are updated in place before backward
+        bank_keys, bank_tags = (t.clone() for t in self.reservoir.valid())
+        if w.lil > 0 and w.rectify and bank_keys.shape[0] > 0:
+            # a rectified query becomes uncertain and leaves both contrasts (SPEC §5)
+            tags, rect = rectify(q.detach(), tags, bank_keys, bank_tags, tp.rectify_proportion)
+            stats["rectified_fraction"] = float(rect["rectified_fraction"])
+            stats["abnormal_fraction"] = float(rect["abnormal_fraction"])
+            stats["mu_mean"] = float(rect["mu_mean"])
+        if w.lig > 0:
+            terms["lig"] = global_contrast(q, tags, self.prototypes.P.clone(), tp.tau_g)
+        if w.lil > 0:
+            terms["lil"] = local_contrast(q, tags, torch.cat([keys.float(), bank_keys]),
+                                          torch.cat([tags, bank_tags]), tp.tau_l)
+            self.reservoir.enqueue(keys.detach().float(), tags)  # after the loss, rectified tags
+            stats["reservoir_fill"] = float(self.reservoir.filled) / tp.reservoir_capacity
+        n_tags = v["tags"].numel()
+        stats["tag_background"] = float((v["tags"] == 0).sum()) / n_tags
+        stats["tag_class"] = float((v["tags"] > 0).sum()) / n_tags
+        stats["tag_uncertain"] = float((v["tags"] < 0).sum()) / n_tags
+        if w.proto:  # global teacher: the shared encoder's class token of the whole image
+            self.prototypes.update(q_global.detach().float(), labels, tp.proto_momentum,
+                                   tp.prototype_update, tp.tau_g)
+        return terms
+
+    def losses(self, batch: dict[str, torch.Tensor], it: int, w: StepWeights, raw: torch.Tensor,
+               gen: torch.Generator, normalise, autocast: bool
+               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One step's named loss terms (unweighted) and statistics."""
+        tp = self.params.train
+        images, labels, valid = batch["image"], batch["labels"], batch["valid"]
+        stats: dict[str, float] = {}
+        need_seg = w.seg > 0 or w.reg > 0
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = self.net(images, with_seg=need_seg)
+            terms: dict[str, torch.Tensor] = {}
+            if w.cls > 0:
+                terms["cls"] = multilabel_loss(out.logits, labels)
+            if w.aux > 0:
+                terms["aux"] = multilabel_loss(out.aux_logits, labels)
+            if w.ptc > 0:
+                aux_cam = normalise_cams(F.relu(out.aux_cam.detach().float()), labels)
+                terms["ptc"] = patch_token_contrast(out.tokens, aux_cam, labels, tp.ptc_bkg,
+                                                    tp.ptc_high, tp.ptc_low)
+            cam = None
+            if w.lig > 0 or w.lil > 0 or (need_seg and not w.gt_seg):
+                cam = self.online_cam(images, labels, aux=it < tp.cam2mask)
+            if w.lig > 0 or w.lil > 0:
+                terms.update(self.contrast_terms(out, images, raw, valid, labels, cam, w, gen,
+                                                 normalise, stats))
+            if need_seg:
+                terms.update(self.seg_terms(out, images, raw, valid, labels, cam, batch, w))
+        return terms, stats
+
+    def seg_terms(self, out: NetOutput, images: torch.Tensor, raw: torch.Tensor,
+                  valid: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor | None,
+                  batch: dict[str, torch.Tensor], w: StepWeights) -> dict[str, torch.Tensor]:
+        """L_seg on online pseudo labels (or GT when fully supervised) and L_reg (SPEC §6)."""
+        tp = self.params.train
+        seg = F.interpolate(out.seg.float(), size=images.shape[-2:], mode="bilinear",
+                            align_corners=False)  # (B, C+1, H, W)
+        if w.gt_seg:
+            target = batch["mask"]
+            terms = {"seg": F.cross_entropy(seg, target, ignore_index=IGNORE)}
+        else:
+            target = self.pseudo_labels(images, cam, labels, valid)
+            terms = {"seg": balanced_seg_loss(seg, target)}
+        if w.reg > 0:
+            h, wd = images.shape[-2] // 2, images.shape[-1] // 2
+            small = F.interpolate(seg, size=(h, wd), mode="bilinear", align_corners=False)
+            rgb = F.interpolate(raw * 255.0, size=(h, wd), mode="bilinear", align_corners=False)
+            keep = F.interpolate((valid & (target == IGNORE)).float()[:, None], size=(h, wd),
+                                 mode="nearest")[:, 0] > 0  # valid, not confidently labelled
+            terms["reg"] = crf_energy(rgb, small.softmax(1), keep, tp.reg_sigma_rgb,
+                                      tp.reg_sigma_xy * 0.5, tp.reg_scale, tp.reg_max_exact,
+                                      tp.reg_radius)
+        return terms
