@@ -46,6 +46,10 @@ def test_override_types_are_parsed():
         ("data.source=voc", "data.root is required"),
         ("prepare.synthetic.contexts=[{cls: zebra, context: water}]", "unknown class 'zebra'"),
         ("train.iterations", "not of the form section.key=value"),
+        ("train.reservoir_capacity=100", "must be a multiple of the keys per step"),
+        ("train.patch_size=128", "larger than the crop"),
+        ("train.preset=nosuch", "'train.preset'"),
+        ("train.ptc_low=0.9", "train.ptc_low (0.9) must be <= train.ptc_high"),
     ],
 )
 def test_bad_params_name_the_key(override: str, needle: str):
