@@ -101,13 +101,14 @@ class SeCo(nn.Module):
         if tp.par_iterations == 0:
             return cams_to_labels(cam, valid, tp.cam_high, tp.cam_low)
         present = torch.cat([torch.ones_like(labels[:, :1]), labels], 1)[..., None, None] > 0
-        maps = []
+        probs = []
         for thr in (tp.cam_high, tp.cam_low):
             scores = torch.cat([torch.full_like(cam[:, :1], thr), cam], 1)  # (B, 1 + C, H, W)
-            probs = scores.masked_fill(~present, float("-inf")).softmax(1)
-            probs = par_refine(images, probs, tp.par_dilations, tp.par_iterations)
-            maps.append(probs.masked_fill(~present, -1.0).argmax(1))  # (B, H, W), 0 = bkg
-        high, low = maps
+            probs.append(scores.masked_fill(~present, float("-inf")).softmax(1))
+        # PAR propagates each channel independently: both maps in one call share the affinity
+        k = probs[0].shape[1]
+        refined = par_refine(images, torch.cat(probs, 1), tp.par_dilations, tp.par_iterations)
+        high, low = (r.masked_fill(~present, -1.0).argmax(1) for r in refined.split(k, 1))
         label = torch.full_like(high, IGNORE)
         label[high > 0] = high[high > 0]
         label[(high == 0) & (low == 0)] = 0
@@ -160,9 +161,13 @@ class SeCo(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         # copies: the reservoir and prototypes are updated in place before backward
         bank_keys, bank_tags = (t.clone() for t in self.reservoir.valid())
-        if w.lil > 0 and w.rectify and bank_keys.shape[0] > 0:
-            # a rectified query becomes uncertain and leaves both contrasts (SPEC §5)
-            tags, rect = rectify(q.detach(), tags, bank_keys, bank_tags, tp.rectify_proportion)
+        if w.lil > 0 and bank_keys.shape[0] > 0:
+            # a rectified query becomes uncertain and leaves both contrasts (SPEC §5); the
+            # statistics are logged without rectifying too (no_rectify), to calibrate β
+            rectified, rect = rectify(q.detach(), tags, bank_keys, bank_tags,
+                                      tp.rectify_proportion)
+            if w.rectify:
+                tags = rectified
             stats["rectified_fraction"] = float(rect["rectified_fraction"])
             stats["abnormal_fraction"] = float(rect["abnormal_fraction"])
             stats["mu_mean"] = float(rect["mu_mean"])
