@@ -209,6 +209,10 @@ class TrainParams(_Section):
     tau_l: float = Field(0.08, gt=0)
     reservoir_capacity: int = Field(1920, ge=1)  # VOC: 4608; a multiple of the keys per step
     rectify_proportion: float = Field(0.8, ge=0, le=1)
+    # Deviation (README): rectification waits until the contrasts have shaped the embedding.
+    # A backbone trained from scratch starts with collapsed class tokens (mean similarity
+    # ~0.999), where the rule marks every query abnormal. Recipes set it to contrast_start.
+    rectify_start: int = Field(500, ge=0)
     # bookkeeping
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(500, ge=1)

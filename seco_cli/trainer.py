@@ -51,6 +51,7 @@ class Schedules:
     lr: np.ndarray
     weights: dict[str, np.ndarray]
     rectify: bool
+    rectify_start: int
     gt_seg: bool
     proto_start: int
 
@@ -72,11 +73,13 @@ class Schedules:
             "lil": term("lil", tp.w_lil, tp.contrast_start),
         }
         return cls(lr=lr_multipliers(n, tp.warmup_iters, tp.warmup_ratio, tp.poly_power),
-                   weights=weights, rectify="rectify" in on, gt_seg=gt, proto_start=tp.proto_start)
+                   weights=weights, rectify="rectify" in on, rectify_start=tp.rectify_start,
+                   gt_seg=gt, proto_start=tp.proto_start)
 
     def at(self, it: int) -> StepWeights:
         w = {k: float(v[it]) for k, v in self.weights.items()}
-        return StepWeights(**w, rectify=self.rectify, proto=it >= self.proto_start,
+        return StepWeights(**w, rectify=self.rectify and it >= self.rectify_start,
+                           proto=it >= self.proto_start,
                            gt_seg=self.gt_seg)
 
     @property

@@ -113,7 +113,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared:
 
 def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepared: Path):
     p = tiny_params("train.preset=seco", "train.iterations=5", "train.contrast_start=1",
-                    "train.seg_start=1", "train.proto_start=0")
+                    "train.seg_start=1", "train.proto_start=0", "train.rectify_start=2")
     data = PreparedDataset(prepared)
     logs: list[dict[str, float]] = []
     trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
@@ -135,7 +135,7 @@ def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepa
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_switch_terms(preset: str):
     p = tiny_params(f"train.preset={preset}", "train.iterations=10", "train.contrast_start=0",
-                    "train.seg_start=0", "train.ptc_start=0")
+                    "train.seg_start=0", "train.ptc_start=0", "train.rectify_start=5")
     w = Schedules.build(p.train).at(5)
     on = {k for k in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil") if getattr(w, k) > 0}
     expected = {
@@ -148,7 +148,8 @@ def test_presets_switch_terms(preset: str):
         "fully_supervised": {"seg"},
     }[preset]
     assert on == expected
-    assert w.rectify == (preset in {"seco", "no_lig"})
+    assert w.rectify == (preset in {"seco", "no_lig"}) and not Schedules.build(p.train).at(
+        p.train.rectify_start - 1).rectify
     assert w.gt_seg == (preset == "fully_supervised")
 
 
