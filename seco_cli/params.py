@@ -201,7 +201,7 @@ class TrainParams(_Section):
     global_p_solarize: float = Field(0.2, ge=0, le=1)
     # Conquer: teacher, prototypes, reservoir, contrasts (SPEC §2, §4, §5)
     proj_hidden: int = Field(512, ge=1)  # VOC: 2048
-    teacher_momentum: float = Field(0.999, ge=0, le=1)
+    teacher_momentum: float = Field(0.99, ge=0, le=1)  # VOC: 0.999 over 20k iterations
     proto_momentum: float = Field(0.9, ge=0, le=1)
     proto_start: int = Field(100, ge=0)  # VOC: 600
     prototype_update: Literal["adaptive", "single"] = "adaptive"
