@@ -14,12 +14,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from seco_cli.errors import DataError
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 array of an image file; a clear :class:`DataError` when unreadable."""
+def _existing_image(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file '{path}' does not exist", str(path),
                         "check the dataset root and its lists")
+    return path
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """RGB uint8 array of an image file; a clear :class:`DataError` when unreadable."""
+    path = _existing_image(path)
     try:
         with Image.open(path) as img:
             img.load()
@@ -43,10 +48,7 @@ def load_image(path: str | Path) -> np.ndarray:
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(H, W) of an image file as :func:`load_image` returns it, reading only the header."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image file '{path}' does not exist", str(path),
-                        "check the dataset root and its lists")
+    path = _existing_image(path)
     try:
         with Image.open(path) as img:
             w, h = img.size

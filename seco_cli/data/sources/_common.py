@@ -3,8 +3,12 @@ and class-file readers, image indexing, and the deterministic val hold-out."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
+from seco_cli.data.images import image_size, load_mask
 from seco_cli.errors import DataError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -29,12 +33,13 @@ def read_lines(path: Path) -> list[tuple[int, str]]:
     return [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def read_id_list(path: Path) -> list[str]:
-    """A split list: one id per line, each once."""
+def read_id_list(path: Path, parse: Callable[[str, str], str] | None = None) -> list[str]:
+    """A split list: one id per line (``parse(line, where)`` extracts it), each once."""
+    parse = parse or check_id
     ids: list[str] = []
     seen: dict[str, int] = {}
     for n, text in read_lines(path):
-        image_id = check_id(text, f"{path}:{n}")
+        image_id = parse(text, f"{path}:{n}")
         if image_id in seen:
             raise DataError(f"id '{image_id}' is listed twice (lines {seen[image_id]} and {n})",
                             str(path), "list each id once")
@@ -104,3 +109,13 @@ def with_val_holdout(splits: dict[str, list[str]], fraction: float) -> dict[str,
 
 
 # --------------------------------------------------------------------------- folder source
+
+
+def load_matching_mask(image_id: str, image: Path, mask_path: Path) -> np.ndarray:
+    """The mask of ``image_id``, refused when its size differs from its image's."""
+    mask = load_mask(mask_path)
+    size = image_size(image)
+    if mask.shape != size:
+        raise DataError(f"mask of '{image_id}' is {mask.shape[1]}x{mask.shape[0]}, its image "
+                        f"{size[1]}x{size[0]}", str(mask_path), "masks must match their images")
+    return mask

@@ -21,12 +21,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from seco_cli.data.images import image_size, load_mask
 from seco_cli.data.prepared import Sample
 from seco_cli.data.sources import SourceData
 from seco_cli.data.sources._common import (
     TRAIN,
     index_images,
+    load_matching_mask,
     read_class_names,
     read_id_list,
     read_lines,
@@ -110,11 +110,7 @@ def _check_labels_present(splits: dict[str, list[str]], labels: dict[str, list[i
 def _sample(image_id: str, image: Path, mask_path: Path, labels: list[int] | None) -> Sample:
     if not mask_path.is_file():
         return Sample(id=image_id, image=image, labels=labels or [])
-    mask = load_mask(mask_path)
-    size = image_size(image)
-    if mask.shape != size:
-        raise DataError(f"mask of '{image_id}' is {mask.shape[1]}x{mask.shape[0]}, its image "
-                        f"{size[1]}x{size[0]}", str(mask_path), "masks must match their images")
+    mask = load_matching_mask(image_id, image, mask_path)
     return Sample(id=image_id, image=image, mask=mask, labels=labels)
 
 

@@ -17,10 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-from seco_cli.data.images import image_size, load_mask
 from seco_cli.data.prepared import Sample
 from seco_cli.data.sources import SourceData
-from seco_cli.data.sources._common import check_id, read_lines
+from seco_cli.data.sources._common import check_id, load_matching_mask, read_id_list
 from seco_cli.errors import DataError
 from seco_cli.params import PrepareParams
 
@@ -80,28 +79,14 @@ def _parse_line(text: str, where: str) -> str:
 
 
 def _read_list(path: Path) -> list[str]:
-    ids: list[str] = []
-    seen: dict[str, int] = {}
-    for n, text in read_lines(path):
-        image_id = _parse_line(text, f"{path}:{n}")
-        if image_id in seen:
-            raise DataError(f"id '{image_id}' is listed twice (lines {seen[image_id]} and {n})",
-                            str(path), "list each id once")
-        seen[image_id] = n
-        ids.append(image_id)
-    return ids
+    return read_id_list(path, _parse_line)
 
 
 def _sample(image_id: str, voc: Path, masks: Path | None) -> Sample:
     image = voc / "JPEGImages" / f"{image_id}.jpg"
     if masks is None:
         return Sample(id=image_id, image=image, labels=[])
-    mask_path = masks / f"{image_id}.png"
-    mask = load_mask(mask_path)
-    size = image_size(image)
-    if mask.shape != size:
-        raise DataError(f"mask of '{image_id}' is {mask.shape[1]}x{mask.shape[0]}, its image "
-                        f"{size[1]}x{size[0]}", str(mask_path), "masks must match their images")
+    mask = load_matching_mask(image_id, image, masks / f"{image_id}.png")
     return Sample(id=image_id, image=image, mask=mask, labels=None)
 
 
