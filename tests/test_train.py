@@ -167,3 +167,25 @@ def test_fully_supervised_trains_on_ground_truth(tmp_path: Path, prepared: Path)
           lambda step, values: logs.append(values))
     seen = {k for values in logs for k in values if k.startswith("loss/")}
     assert seen == {"loss/seg", "loss/total"}
+
+
+def test_online_pseudo_labels_with_par_follow_the_two_thresholds():
+    from seco_cli.method import SeCo
+
+    p = tiny_params("train.cam_high=0.7", "train.cam_low=0.25")
+    method = SeCo(p, num_classes=3)
+    h = w = 24
+    cam = torch.zeros(1, 3, h, w)
+    cam[0, 1, :, :8] = 0.9  # class 2 confidently: above high
+    cam[0, 1, :, 8:16] = 0.5  # between low and high: uncertain
+    cam[0, 1, :, 16:] = 0.1  # below low: background
+    labels = torch.tensor([[0.0, 1.0, 0.0]])
+    image = torch.zeros(1, 3, h, w)
+    image[..., :8], image[..., 8:16], image[..., 16:] = 1.0, 0.0, -1.0  # three flat regions
+    valid = torch.ones(1, h, w, dtype=torch.bool)
+    valid[0, :, -2:] = False
+    label = method.pseudo_labels(image, cam, labels, valid)
+    assert (label[0, :, 1:6] == 2).all()  # region interiors keep their label through PAR
+    assert (label[0, :, 10:14] == 255).all()
+    assert (label[0, :, 18:21] == 0).all()
+    assert (label[0, :, -2:] == 255).all()  # outside the valid region
