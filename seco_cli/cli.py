@@ -172,8 +172,11 @@ def evaluate(
     """Score CAM seeds, pseudo masks and segmentation against the ground truth."""
     from stages import evaluate as stage
 
-    _execute(params, set_, debug,
-             lambda p: stage.run(p, prepared, cams, pseudo, segment, metrics, plots))
+    def body(p: Params) -> dict[str, Any]:
+        with RichProgress(err_console).counter("evaluate") as advance:
+            return stage.run(p, prepared, cams, pseudo, segment, metrics, plots, advance)
+
+    _execute(params, set_, debug, body)
 
 
 def main() -> None:

@@ -25,6 +25,22 @@ class RichProgress:
     def __init__(self, console=None):
         self.console = console
 
+    def counter(self, description: str):
+        """A context manager yielding ``advance(n)`` for loops that report counts (evaluate)."""
+        from contextlib import contextmanager
+
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        @contextmanager
+        def _bar():
+            columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"),
+                       TextColumn("{task.completed} images"), TimeElapsedColumn())
+            with Progress(*columns, console=self.console) as bar:
+                task = bar.add_task(description, total=None)
+                yield lambda n: bar.advance(task, n)
+
+        return _bar()
+
     def track(self, items: Iterable[T], total: int | None, description: str) -> Iterator[T]:
         from rich.progress import (
             BarColumn,
