@@ -203,7 +203,11 @@ class SeCo(nn.Module):
             if w.aux > 0:
                 terms["aux"] = multilabel_loss(out.aux_logits, labels)
             if w.ptc > 0:
-                aux_cam = normalise_cams(F.relu(out.aux_cam.detach().float()), labels)
+                aux_cam = F.relu(out.aux_cam.detach().float())
+                if aux_cam.shape[-2:] != out.tokens.shape[-2:]:  # CNN: aux stage is finer
+                    aux_cam = F.interpolate(aux_cam, size=out.tokens.shape[-2:], mode="bilinear",
+                                            align_corners=False)
+                aux_cam = normalise_cams(aux_cam, labels)
                 terms["ptc"] = patch_token_contrast(out.tokens, aux_cam, labels, tp.ptc_bkg,
                                                     tp.ptc_high, tp.ptc_low)
             cam = None
