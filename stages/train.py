@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from seco_cli.checkpoint import save_atomic
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.device import resolve_device
@@ -48,4 +50,18 @@ def run(params: Params, prepared: Path, model_out: Path, live_dir: Path, ckpt_di
         for _ in ticks:  # let the bar reach its end
             pass
     save_atomic(trainer.final(), model_out)
+    write_prototype_similarity(trainer.method.prototypes.P, data.classes[1:],
+                               model_out.parent / "prototype_similarity.csv")
     return {"iterations": trainer.iteration, **last}
+
+
+def write_prototype_similarity(prototypes: torch.Tensor, names: list[str], path: Path) -> None:
+    """Cosine similarity between the class prototypes (paper Fig. 5) as ``a,b,similarity``
+    rows for the ``heatmap`` DVC plot template. Random-init prototypes (presets without
+    L_iG) give near-zero off-diagonal values."""
+    sim = (prototypes @ prototypes.T).cpu().numpy()  # (C, C), rows are unit vectors
+    lines = ["a,b,similarity"] + [f"{a},{b},{sim[i, j]:.6f}" for i, a in enumerate(names)
+                                  for j, b in enumerate(names)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)

@@ -61,5 +61,8 @@ def test_six_stages_end_to_end(tmp_path: Path):
     metrics = json.loads((a / "m/evaluate.json").read_text())
     for name in ("cams", "pseudo", "segment"):
         assert 0.0 <= metrics[name]["miou"] <= 1.0
+    rows = (a / "train/prototype_similarity.csv").read_text().splitlines()
+    assert rows[0] == "a,b,similarity" and len(rows) == 1 + 6 * 6
+    assert rows[1].startswith("boat,boat,1.0") or rows[1].startswith("boat,boat,0.99")
     live = json.loads((a / "train/live/metrics.json").read_text())
     assert live["step"] == 6 and np.isfinite(live["loss"]["total"])
