@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import torch
 
-IGNORE = 255
+from seco_cli.tags import IGNORE, UNCERTAIN, region_map
 
 
 def cams_to_labels(cam: torch.Tensor, valid: torch.Tensor, high: float, low: float) -> torch.Tensor:
-    """Region map of ``cam`` (B, C, H, W) in [0, 1] (zero for absent classes).
+    """Region map of ``cam`` (B, C, H, W) in [0, 1] (zero for absent classes) as a loss target.
 
     Pixel → class ``argmax + 1`` where the max CAM exceeds ``high``; → background (0) where it
     is at most ``low``; → 255 (uncertain) in between and outside ``valid`` (B, H, W).
     """
-    score, cls = cam.max(dim=1)  # (B, H, W)
-    label = torch.full_like(cls, IGNORE)
-    label[score > high] = cls[score > high] + 1
-    label[score <= low] = 0
-    label[~valid] = IGNORE
-    return label
+    region = region_map(cam, valid, high, low)
+    return region.masked_fill(region == UNCERTAIN, IGNORE)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 from seco_cli.cams import resize_scores
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.errors import SecoError
-from seco_cli.jsonio import write_json
+from seco_cli.jsonio import write_json, write_text
 from seco_cli.metrics import (
     BkgSweep,
     ConfusionMatrix,
@@ -161,12 +160,6 @@ def _mask_items(data: PreparedDataset, ids: list[str], store: StoreReader,
         yield gt, _checked(i, gt, store.read(i), store.path, stage)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _pairs(params: Params, data: PreparedDataset) -> list[tuple[str, str]]:
     ep = params.evaluate
     pairs = ([(p.victim, p.partner) for p in ep.pairs] if ep.pairs else cooccurring_pairs(
@@ -222,6 +215,6 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
     files = plot_files(report)
     out_dir = fresh_output_dir(plots_dir)  # cleared only now that every score is in
     for name, text in files.items():
-        _write_text(out_dir / name, text)
+        write_text(out_dir / name, text)
     write_json(metrics_out, metrics)
     return metrics

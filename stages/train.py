@@ -10,6 +10,7 @@ import torch
 from seco_cli.checkpoint import save_atomic
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.device import resolve_device
+from seco_cli.jsonio import write_text
 from seco_cli.params import Params
 from seco_cli.progress import Progress, Silent
 from seco_cli.provenance import provenance
@@ -62,6 +63,4 @@ def write_prototype_similarity(prototypes: torch.Tensor, names: list[str], path:
     sim = (prototypes @ prototypes.T).cpu().numpy()  # (C, C), rows are unit vectors
     lines = ["a,b,similarity"] + [f"{a},{b},{sim[i, j]:.6f}" for i, a in enumerate(names)
                                   for j, b in enumerate(names)]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_text(path, "\n".join(lines) + "\n")
