@@ -6,6 +6,9 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class SecoError(Exception):
     """An error caused by the user's input (paths, parameters, data), not by a bug."""
@@ -21,7 +24,8 @@ class SecoError(Exception):
         text = " ".join(parts)
         if self.fix:
             text += f"; {self.fix}"
-        return text
+        # One line whatever the parts hold (a wrapped library message may span several).
+        return re.sub(r"\s*[\r\n]+\s*", " ", text).strip()
 
 
 class ParamsError(SecoError):
@@ -34,3 +38,25 @@ class DataError(SecoError):
 
 class MissingInputError(SecoError):
     """A stage's input artifact does not exist or is incomplete."""
+
+
+class WriteError(SecoError):
+    """An output could not be written (disk full, read-only, no permission)."""
+
+
+_WRITE_FIXES = {
+    errno.ENOSPC: "free disk space or write elsewhere",
+    errno.EDQUOT: "free space within your disk quota or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "make the folder writable or write elsewhere",
+    errno.EPERM: "make the folder writable or write elsewhere",
+}
+
+
+def write_error(exc: OSError, what: str, where: str, rerun: str,
+                state: str = "no partial output was kept") -> WriteError:
+    """A one-line :class:`WriteError` for an ``OSError`` raised while writing ``what``."""
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    fix = _WRITE_FIXES.get(exc.errno or -1, "check the output location")
+    return WriteError(f"cannot write {what} ({reason}; {state})", where,
+                      f"{fix}, then run `{rerun}` again")

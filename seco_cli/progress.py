@@ -55,6 +55,10 @@ class RichProgress:
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=False) as bar:
             task = bar.add_task(description, total=total)
-            for item in items:
-                yield item
-                bar.advance(task)
+            try:
+                for item in items:
+                    yield item
+                    bar.advance(task)
+            except BaseException:  # the loop failed or was abandoned: the error line stands alone
+                bar.live.transient = True
+                raise

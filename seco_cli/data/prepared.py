@@ -3,14 +3,15 @@
 Layout of a prepared folder::
 
     index.json          classes (background first), splits, image paths, image-level labels,
-                        provenance
+                        sizes, skipped bad images (id → reason), provenance
     masks.zarr/         ground-truth masks (uint8, 0 background, 1..C, 255 ignore), one array
                         per image that has a mask (a store of :mod:`seco_cli.store`)
     images/             images the source supplied as arrays (synthetic data), PNG
     cooccurrence.json   per split: images per class and per class pair
 
-Importers yield :class:`Sample` objects and call :func:`write_prepared`; stages open a
-:class:`PreparedDataset`.
+Sources read one :class:`Sample` per id (a :class:`BadImage` when that image is bad) and
+``prepare`` hands them to :func:`write_prepared`, which decodes and checks every image before
+anything is written; stages open a :class:`PreparedDataset`.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from seco_cli.data.images import image_size, load_image, save_png
-from seco_cli.errors import DataError, MissingInputError, SecoError
+from seco_cli.data.images import load_image, save_png
+from seco_cli.errors import DataError, MissingInputError, SecoError, write_error
 from seco_cli.store import StoreReader, StoreWriter
 
 INDEX = "index.json"
@@ -65,106 +66,188 @@ def _cooccurrence(labels: dict[str, list[int]], ids: list[str], num_classes: int
     return {"images": len(ids), "class_counts": np.diag(pair).tolist(), "pair_counts": pair.tolist()}
 
 
+@dataclass
+class BadImage:
+    """An id whose image (or mask, or labels) could not be read: skipped or fatal."""
+
+    id: str
+    error: DataError
+
+
+def _check_out(out_dir: Path) -> None:
+    """Refuse, before any work, an output path that is not ours to replace."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise SecoError(f"output path '{out_dir}' exists and is not a folder", str(out_dir),
+                        "move it away or choose another output path")
+    if out_dir.is_dir() and not (out_dir / INDEX).exists() and any(out_dir.iterdir()):
+        raise SecoError(f"refusing to overwrite '{out_dir}': not a prepared dataset", str(out_dir),
+                        "move it away or choose another output path")
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Swap the finished folder in; an earlier prepared dataset survives until it is replaced."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old.exists() and not out_dir.exists():
+            old.rename(out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _checked(s: Sample, num_classes: int, source: str) -> tuple[list[int], np.ndarray | None, list[int]]:
+    """(size, mask, labels) of one sample; a :class:`DataError` when any part is bad.
+
+    A referenced image file is decoded in full here, so a truncated or corrupt file is caught
+    by ``prepare`` and never reaches training or inference.
+    """
+    if isinstance(s.image, np.ndarray):
+        if s.image.ndim != 3 or s.image.shape[2] != 3 or s.image.dtype != np.uint8:
+            raise SecoError(f"image '{s.id}' must be (H, W, 3) uint8", source)
+        size = list(s.image.shape[:2])
+        where = source
+    else:
+        size = list(load_image(s.image).shape[:2])
+        where = str(s.extra.get("mask_path", s.image))
+    mask = None
+    if s.mask is not None:
+        mask = np.asarray(s.mask)
+        if list(mask.shape) != size:
+            raise DataError(f"mask of '{s.id}' is {mask.shape[1]}x{mask.shape[0]}, its image "
+                            f"{size[1]}x{size[0]}", where, "masks must match their images")
+        bad = (mask > num_classes) & (mask != IGNORE)
+        if bad.any():
+            raise DataError(f"mask of '{s.id}' holds value {int(mask[bad][0])}, not a class index",
+                            where, f"masks hold 0..{num_classes} and {IGNORE} (ignore)")
+        mask = mask.astype(np.uint8)
+    lab = s.labels if s.labels is not None else (
+        labels_from_mask(mask, num_classes) if mask is not None else [])
+    if any(not 1 <= c <= num_classes for c in lab):
+        raise DataError(f"labels of '{s.id}' are outside 1..{num_classes}", where)
+    return size, mask, sorted(set(int(c) for c in lab))
+
+
 def write_prepared(
     out_dir: str | Path,
     *,
     source: str,
     classes: list[str],
     splits: dict[str, list[str]],
-    samples: Iterable[Sample],
+    samples: Iterable[Sample | BadImage],
     provenance: dict[str, Any],
     on_sample: Callable[[Sample], None] | None = None,
+    on_bad_image: Literal["stop", "skip"] = "stop",
 ) -> dict[str, Any]:
     """Write a prepared dataset and return its summary (the ``prepare`` metrics).
 
     ``classes`` starts with ``background``. Every id in ``splits`` must be yielded exactly once
-    by ``samples``. The folder is written under a temporary name and moved into place at the
-    end, so an interrupted ``prepare`` leaves no dataset that looks complete.
+    by ``samples``. A bad image (a :class:`BadImage`, or a sample failing the checks here)
+    stops the run, or with ``on_bad_image="skip"`` is left out of every split and listed in
+    the summary's ``skipped``. The folder is written under a temporary name and moved into
+    place at the end: an interrupted or failed ``prepare`` leaves no dataset that looks
+    complete, and an earlier prepared dataset at ``out_dir`` stays until then.
     """
     out_dir = Path(out_dir)
     if not classes or classes[0] != "background":
         raise SecoError("class list must start with 'background'", source)
-    num_classes = len(classes) - 1
-    wanted = {i for ids in splits.values() for i in ids}
+    _check_out(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)
+    try:
+        index, cooc, with_mask = _write(tmp, source, classes, splits, samples, provenance,
+                                        on_sample, on_bad_image)
+        _check_out(out_dir)  # the user may have put files there meanwhile
+        _move_into_place(tmp, out_dir)
+    except OSError as exc:
+        raise write_error(exc, "the prepared dataset", str(out_dir), "seco prepare") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summarize(index, cooc, with_mask)
+
+
+def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[str]],
+           samples: Iterable[Sample | BadImage], provenance: dict[str, Any],
+           on_sample: Callable[[Sample], None] | None, on_bad_image: str,
+           ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    num_classes = len(classes) - 1
+    wanted = {i for ids in splits.values() for i in ids}
     (tmp / "images").mkdir(parents=True)
     masks = StoreWriter(tmp / "masks.zarr", "masks", {"provenance": provenance, "classes": classes})
     images: dict[str, str] = {}
     labels: dict[str, list[int]] = {}
     sizes: dict[str, list[int]] = {}
+    skipped: dict[str, str] = {}
     with_mask: list[str] = []
     for s in samples:
-        if s.id in images:
+        if s.id in images or s.id in skipped:
             raise DataError(f"duplicate image id '{s.id}'", source, "make ids unique in the lists")
         if s.id not in wanted:
             continue
+        try:
+            if isinstance(s, BadImage):
+                raise s.error
+            size, mask, lab = _checked(s, num_classes, source)
+        except DataError as exc:
+            if on_bad_image != "skip":
+                raise
+            skipped[s.id] = exc.line()
+            continue
         if isinstance(s.image, np.ndarray):
-            if s.image.ndim != 3 or s.image.shape[2] != 3 or s.image.dtype != np.uint8:
-                raise SecoError(f"image '{s.id}' must be (H, W, 3) uint8", source)
             rel = f"images/{s.id}.png"
             save_png(tmp / rel, s.image)
             images[s.id] = rel
         else:
             images[s.id] = str(Path(s.image).resolve())
-        sizes[s.id] = list(s.image.shape[:2]) if isinstance(s.image, np.ndarray) else list(
-            image_size(s.image))
-        if s.mask is not None:
-            mask = np.asarray(s.mask)
-            if list(mask.shape) != sizes[s.id]:
-                raise DataError(
-                    f"mask of '{s.id}' is {mask.shape[1]}x{mask.shape[0]}, its image "
-                    f"{sizes[s.id][1]}x{sizes[s.id][0]}", source, "masks must match their images")
-            bad = (mask > num_classes) & (mask != IGNORE)
-            if bad.any():
-                raise DataError(
-                    f"mask of '{s.id}' holds value {int(mask[bad][0])}, not a class index",
-                    source, f"masks hold 0..{num_classes} and {IGNORE} (ignore)",
-                )
-            masks.write(s.id, mask.astype(np.uint8))
+        sizes[s.id] = size
+        if mask is not None:
+            masks.write(s.id, mask)
             with_mask.append(s.id)
-        lab = s.labels if s.labels is not None else (
-            labels_from_mask(s.mask, num_classes) if s.mask is not None else [])
-        if any(not 1 <= c <= num_classes for c in lab):
-            raise DataError(f"labels of '{s.id}' are outside 1..{num_classes}", source)
-        labels[s.id] = sorted(set(int(c) for c in lab))
+        labels[s.id] = lab
         if on_sample:
             on_sample(s)
-    missing = sorted(wanted - set(images))
+    missing = sorted(wanted - set(images) - set(skipped))
     if missing:
         raise DataError(f"{len(missing)} listed ids have no image (first: '{missing[0]}')", source,
                         "fix the split lists or add the images")
+    if wanted and not images:
+        first = next(iter(skipped.items()))
+        raise DataError(f"every listed image is bad (first: {first[1]})", source,
+                        "fix the dataset; on_bad_image: skip leaves no image to prepare")
     masks.finish()
+    kept = {name: [i for i in ids if i in images] for name, ids in splits.items()}
     index = {
         "format_version": FORMAT_VERSION,
         "source": source,
         "classes": classes,
-        "splits": splits,
+        "splits": kept,
         "images": images,
         "labels": labels,
         "sizes": sizes,
+        "skipped": skipped,
         "provenance": provenance,
     }
     (tmp / INDEX).write_text(json.dumps(index))
     cooc = {"classes": classes[1:], **{
-        name: _cooccurrence(labels, ids, num_classes) for name, ids in splits.items()}}
+        name: _cooccurrence(labels, ids, num_classes) for name, ids in kept.items()}}
     (tmp / COOC).write_text(json.dumps(cooc))
-    if out_dir.exists():
-        if not (out_dir / INDEX).exists() and any(out_dir.iterdir()):
-            raise SecoError(f"refusing to overwrite '{out_dir}': not a prepared dataset", str(out_dir),
-                            "move it away or choose another output path")
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return summarize(index, cooc, with_mask)
+    return index, cooc, with_mask
 
 
 def summarize(index: dict[str, Any], cooc: dict[str, Any], with_mask: list[str]) -> dict[str, Any]:
     classes = index["classes"]
+    skipped = index.get("skipped", {})
     summary: dict[str, Any] = {
         "source": index["source"],
         "num_classes": len(classes) - 1,
         "images_with_masks": len(with_mask),
+        "skipped_images": len(skipped),
+        "skipped": [{"id": i, "reason": why} for i, why in skipped.items()],
         "splits": {},
     }
     for name, ids in index["splits"].items():

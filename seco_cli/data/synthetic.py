@@ -15,8 +15,6 @@ dataset is deterministic by seed and independent of generation order.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -193,11 +191,11 @@ def read(p: SyntheticParams, seed: int) -> SourceData:
         "val": [f"val_{i:05d}" for i in range(p.num_val)],
     }
 
-    def samples() -> Iterator[Sample]:
-        for offset, ids in ((0, splits["train"]), (p.num_train, splits["val"])):
-            for i, image_id in enumerate(ids):
-                image, mask = generate_image(p, seed, offset + i)
-                yield Sample(id=image_id, image=image, mask=mask)
+    order = splits["train"] + splits["val"]  # image index = position in this order
+    index = {image_id: i for i, image_id in enumerate(order)}
 
-    return SourceData(classes=["background", *p.classes], splits=splits, samples=samples(),
-                      total=p.num_train + p.num_val)
+    def load(image_id: str) -> Sample:
+        image, mask = generate_image(p, seed, index[image_id])
+        return Sample(id=image_id, image=image, mask=mask)
+
+    return SourceData(classes=["background", *p.classes], splits=splits, order=order, load=load)

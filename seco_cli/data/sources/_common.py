@@ -17,10 +17,13 @@ TRAIN = "train"
 
 
 def check_id(image_id: str, where: str) -> str:
-    """An id names files under the root: no separators, no relative parts."""
-    if not image_id or "/" in image_id or "\\" in image_id or ".." in image_id:
-        raise DataError(f"image id '{image_id}' is not a plain file name", where,
-                        "ids must not be empty or contain '/', '\\' or '..'")
+    """An id names files under the root: no separators, no relative parts, no control
+    characters, so an id from a list file can never point outside the dataset root."""
+    if (not image_id or "/" in image_id or "\\" in image_id or ".." in image_id
+            or any(ord(ch) < 32 for ch in image_id)):
+        shown = image_id.encode("unicode_escape").decode("ascii")
+        raise DataError(f"image id '{shown}' is not a plain file name", where,
+                        "ids must not be empty or contain '/', '\\', '..' or control characters")
     return image_id
 
 

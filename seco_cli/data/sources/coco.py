@@ -20,8 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -72,12 +71,21 @@ def _classes(cocos: dict[str, Any], files: dict[str, Path]) -> list[tuple[int, s
     return cats
 
 
+def _relative_name(name: str, where: Path) -> str:
+    """A ``file_name`` naming a file inside the split folder (sub-folders allowed)."""
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise DataError(f"file_name '{name}' points outside the image folder", str(where),
+                        "file names must be relative, without '..'")
+    return "/".join(parts)
+
+
 def _image_ids(coco: Any, split: str, year: str, root: Path, where: Path) -> dict[str, tuple[int, Path]]:
     """Stem → (COCO image id, image path) for one split."""
     out: dict[str, tuple[int, Path]] = {}
     for img in coco.dataset.get("images", []):
-        name = str(img["file_name"])
-        stem = check_id(Path(name).stem, str(where))
+        name = _relative_name(str(img["file_name"]), where)
+        stem = check_id(PurePosixPath(name).stem, str(where))
         if stem in out:
             raise DataError(f"two images share the id '{stem}'", str(where), "make file names unique")
         out[stem] = (int(img["id"]), root / f"{split}{year}" / name)
@@ -147,11 +155,11 @@ def read(root: Path, prep: PrepareParams) -> SourceData:
     entries = {s: _image_ids(cocos[s], s, prep.coco_year, root, files[s]) for s in names}
     _check_disjoint(entries, files)
     splits = {s: sorted(entries[s]) for s in names}
+    split_of = {stem: s for s in names for stem in splits[s]}
 
-    def samples() -> Iterator[Sample]:
-        for s in names:
-            for stem in splits[s]:
-                yield _sample(stem, entries[s][stem], cocos[s], cat_index, files[s])
+    def load(stem: str) -> Sample:
+        s = split_of[stem]
+        return _sample(stem, entries[s][stem], cocos[s], cat_index, files[s])
 
     return SourceData(classes=["background", *(n for _, n in cats)], splits=splits,
-                      samples=samples(), total=sum(len(v) for v in splits.values()))
+                      order=[stem for s in names for stem in splits[s]], load=load)

@@ -18,7 +18,6 @@ when no ``val`` split exists.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from seco_cli.data.prepared import Sample
@@ -111,7 +110,7 @@ def _sample(image_id: str, image: Path, mask_path: Path, labels: list[int] | Non
     if not mask_path.is_file():
         return Sample(id=image_id, image=image, labels=labels or [])
     mask = load_matching_mask(image_id, image, mask_path)
-    return Sample(id=image_id, image=image, mask=mask, labels=labels)
+    return Sample(id=image_id, image=image, mask=mask, labels=labels, extra={"mask_path": mask_path})
 
 
 def read(root: Path, prep: PrepareParams) -> SourceData:
@@ -131,9 +130,7 @@ def read(root: Path, prep: PrepareParams) -> SourceData:
     _check_labels_present(splits, labels, masks, root)
     order = list(dict.fromkeys(i for ids in splits.values() for i in ids))
 
-    def samples() -> Iterator[Sample]:
-        for image_id in order:
-            yield _sample(image_id, images[image_id], masks / f"{image_id}.png",
-                          labels.get(image_id))
+    def load(image_id: str) -> Sample:
+        return _sample(image_id, images[image_id], masks / f"{image_id}.png", labels.get(image_id))
 
-    return SourceData(classes=classes, splits=splits, samples=samples(), total=len(order))
+    return SourceData(classes=classes, splits=splits, order=order, load=load)

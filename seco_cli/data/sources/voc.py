@@ -14,7 +14,6 @@ labels from their masks. An id listed in several splits is one sample.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from seco_cli.data.prepared import Sample
@@ -87,7 +86,8 @@ def _sample(image_id: str, voc: Path, masks: Path | None) -> Sample:
     if masks is None:
         return Sample(id=image_id, image=image, labels=[])
     mask = load_matching_mask(image_id, image, masks / f"{image_id}.png")
-    return Sample(id=image_id, image=image, mask=mask, labels=None)
+    return Sample(id=image_id, image=image, mask=mask, labels=None,
+                  extra={"mask_path": masks / f"{image_id}.png"})
 
 
 def read(root: Path, prep: PrepareParams) -> SourceData:
@@ -98,9 +98,7 @@ def read(root: Path, prep: PrepareParams) -> SourceData:
     with_mask = {i for s, ids in splits.items() if s != TEST_SPLIT for i in ids}
     order = list(dict.fromkeys(i for ids in splits.values() for i in ids))
 
-    def samples() -> Iterator[Sample]:
-        for image_id in order:
-            yield _sample(image_id, voc, masks if image_id in with_mask else None)
+    def load(image_id: str) -> Sample:
+        return _sample(image_id, voc, masks if image_id in with_mask else None)
 
-    return SourceData(classes=list(VOC_CLASSES), splits=splits, samples=samples(),
-                      total=len(order))
+    return SourceData(classes=list(VOC_CLASSES), splits=splits, order=order, load=load)

@@ -16,7 +16,6 @@ of the image's polygons.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -153,10 +152,8 @@ def read(root: Path, prep: PrepareParams) -> SourceData:
                               prep.val_fraction)
     order = list(dict.fromkeys(i for ids in splits.values() for i in ids))
 
-    def samples() -> Iterator[Sample]:
-        for image_id in order:
-            split, path = index[image_id]
-            yield _sample(image_id, split, path, root, len(classes))
+    def load(image_id: str) -> Sample:
+        split, path = index[image_id]
+        return _sample(image_id, split, path, root, len(classes))
 
-    return SourceData(classes=["background", *classes], splits=splits, samples=samples(),
-                      total=len(order))
+    return SourceData(classes=["background", *classes], splits=splits, order=order, load=load)
