@@ -32,25 +32,42 @@ def cam_to_mask(cam: np.ndarray, labels: list[int], bkg: float,
     return lut[full.argmax(axis=0)]
 
 
+def rescale(images: torch.Tensor, scale: float, multiple: int = 1) -> torch.Tensor:
+    """``images`` (B, 3, H, W) resized by ``scale`` (bilinear), each side rounded to a multiple
+    of ``multiple`` (a ViT's patch size) — exactly ``scale`` where that is already one."""
+    h, w = images.shape[-2:]
+    size = tuple(max(multiple, round(d * scale / multiple) * multiple) for d in (h, w))
+    if size == (h, w):
+        return images
+    return F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
 def fuse_cams(cam_fn, images: torch.Tensor, scales: list[float], flip: bool,
-              out_size: tuple[int, int]) -> torch.Tensor:
+              out_size: tuple[int, int], multiple: int = 1):
     """Multi-scale CAM fusion (SPEC §3.2): per scale the CAM of the image and of its flip
     (flipped back) are combined by element-wise **max**, upsampled to ``out_size``, ReLU'd,
-    and **summed** over scales. ``cam_fn`` maps ``(B, 3, h, w)`` to raw CAMs ``(B, C, h', w')``.
-    Returns ``(B, C, H, W)`` (not normalised).
+    and **summed** over scales. ``cam_fn`` maps ``(B, 3, h, w)`` to raw CAMs ``(B, C, h', w')``,
+    or to a tuple of such maps (e.g. final and auxiliary CAMs of one forward pass), each fused
+    alike. Scaled sides are rounded to a multiple of ``multiple`` (:func:`rescale`).
+    Returns ``(B, C, H, W)`` (not normalised), or the tuple of them.
     """
     b = images.shape[0]
-    total = None
+    total: list[torch.Tensor] | None = None
+    single = False
     for s in scales:
-        x = images if s == 1.0 else F.interpolate(
-            images, scale_factor=s, mode="bilinear", align_corners=False, recompute_scale_factor=False)
+        x = rescale(images, s, multiple)
         batch = torch.cat([x, x.flip(-1)]) if flip else x  # one forward for image + flip
-        cam = cam_fn(batch)
-        if flip:
-            cam = torch.maximum(cam[:b], cam[b:].flip(-1))
-        cam = F.relu(F.interpolate(cam.float(), size=out_size, mode="bilinear", align_corners=False))
-        total = cam if total is None else total + cam
-    return total
+        out = cam_fn(batch)
+        single = isinstance(out, torch.Tensor)
+        fused = []
+        for cam in (out,) if single else out:
+            if flip:
+                cam = torch.maximum(cam[:b], cam[b:].flip(-1))  # the flip's CAM, flipped back
+            fused.append(F.relu(F.interpolate(cam.float(), size=out_size, mode="bilinear",
+                                              align_corners=False)))
+        total = fused if total is None else [t + f for t, f in zip(total, fused, strict=True)]
+    assert total is not None, "fuse_cams needs at least one scale"
+    return total[0] if single else tuple(total)
 
 
 def normalise_cams(cam: torch.Tensor, labels: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

@@ -1,29 +1,80 @@
-"""Inference helpers shared by the ``cams`` and ``segment`` stages (SPEC §8)."""
+"""Inference helpers shared by the ``cams`` and ``segment`` stages (SPEC §8): one setup
+(dataset, device, model, split, this shard's ids, store attributes), the image batches, CAMs
+of one forward pass, and the segmentation variants."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seco_cli.checkpoint import check_compatible, load_checkpoint
-from seco_cli.data.prepared import PreparedDataset
+from seco_cli.cams import rescale
+from seco_cli.checkpoint import check_compatible, load_checkpoint, load_weights
+from seco_cli.data.prepared import INDEX, PreparedDataset
 from seco_cli.data.transforms import resize_square, to_tensor
+from seco_cli.device import resolve_device
 from seco_cli.models.network import SeCoNet
 from seco_cli.params import Params
+from seco_cli.provenance import provenance
+from seco_cli.shards import Shard
+from seco_cli.store import input_stamp
 
 
-def load_model(path: Path, params: Params, num_classes: int, device: torch.device) -> tuple[SeCoNet, dict]:
+def load_model(path: Path, params: Params, num_classes: int, device: torch.device,
+               ) -> tuple[SeCoNet, dict]:
     """The trained network in eval mode, checked against the params and dataset."""
     ckpt = load_checkpoint(path, stage_hint="train")
-    check_compatible(ckpt, params.model.backbone, num_classes, path)
+    check_compatible(ckpt, params.model.backbone, num_classes, path,
+                     params.model.model_dump(mode="json"))
     mp = params.model.model_copy(update={"pretrained": False})  # weights come from the checkpoint
     net = SeCoNet(mp, num_classes)
-    net.load_state_dict(ckpt["model"])
+    load_weights(net, ckpt["model"], path)
     return net.to(device).eval(), ckpt.get("meta", {})
+
+
+@dataclass
+class Inference:
+    """Everything a model-running stage needs before its loop."""
+
+    data: PreparedDataset
+    device: torch.device
+    net: SeCoNet
+    split: str
+    ids: list[str]  # this shard's ids of the split
+    crop: int  # inference input side (SPEC §8)
+    attrs: dict[str, Any]  # store attributes: provenance, split, classes, model identity
+
+    def batches(self, size: int, mean, std) -> Iterator[tuple[list[str], torch.Tensor, list]]:
+        return batches(self.data, self.ids, size, self.crop, mean, std)
+
+
+def setup(params: Params, prepared: Path, model: Path, device: str, where: str, split: str,
+          shard: Shard = Shard()) -> Inference:
+    """Dataset, device (``cuda:LOCAL_RANK`` under torchrun), model in eval mode,
+    the split's ids of this shard, and the attributes of the store the stage writes."""
+    data = PreparedDataset(prepared)
+    dev = resolve_device(device, where, local_rank=shard.local_rank)
+    net, meta = load_model(model, params, data.num_classes, dev)
+    attrs = {"provenance": provenance(params.dump(), meta.get("seed")), "split": split,
+             "classes": data.classes, "model_revision": meta.get("git_revision"),
+             "inputs": {"model": input_stamp(model),
+                        "prepared": input_stamp(Path(prepared) / INDEX)}}
+    return Inference(data, dev, net, split, shard.take(data.ids(split)),
+                     params.model.crop_size, attrs)
+
+
+def cam_fn(net: SeCoNet, aux: bool):
+    """``x → final CAM`` or ``x → (final, auxiliary CAM)`` from one backbone pass (SPEC §2)."""
+    def fn(x: torch.Tensor):
+        tokens, aux_tokens, _ = net.backbone(x)
+        final = net.classifier.cam(tokens)                # (B, C, h, w)
+        return (final, net.aux_classifier.cam(aux_tokens)) if aux else final
+    return fn
 
 
 def batches(data: PreparedDataset, ids: list[str], size: int, crop: int, mean, std,
@@ -51,19 +102,37 @@ def stored_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
 def seg_logits(net: SeCoNet, images: torch.Tensor, scales: list[float], flip: bool) -> torch.Tensor:
     """Segmentation logits at the input size (SPEC §8): summed over the flip pair, max over
     scales. (B, C+1, H, W)."""
+    return seg_variants(net, images, scales, flip)[1]
+
+
+def seg_variants(net: SeCoNet, images: torch.Tensor, scales: list[float], flip: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw, multi-scale) segmentation logits at the input size, each (B, C+1, H, W).
+
+    raw: scale 1, no flip. multi-scale (SPEC §8): per scale the logits of the image and of its
+    flip (flipped back) **summed**, upsampled, then the element-wise **max** over scales. When
+    1.0 is among the scales, raw comes from the same forward pass. Scaled sides are rounded to
+    a multiple of the backbone's stride (:func:`seco_cli.cams.rescale`).
+    """
     b, _, h, w = images.shape
-    best = None
+
+    def logits_at(x: torch.Tensor) -> torch.Tensor:
+        tokens, _, _ = net.backbone(x)
+        return F.interpolate(net.decoder(tokens).float(), size=(h, w), mode="bilinear",
+                             align_corners=False)
+
+    raw = best = None
     for s in scales:
-        x = images if s == 1.0 else F.interpolate(
-            images, scale_factor=s, mode="bilinear", align_corners=False, recompute_scale_factor=False)
-        batch = torch.cat([x, x.flip(-1)]) if flip else x
-        tokens, _, _ = net.backbone(batch)
-        logits = F.interpolate(net.decoder(tokens).float(), size=(h, w), mode="bilinear",
-                               align_corners=False)
+        x = rescale(images, s, net.backbone.stride)
+        logits = logits_at(torch.cat([x, x.flip(-1)]) if flip else x)  # (B or 2B, C+1, H, W)
+        if s == 1.0:
+            raw = logits[:b]
         if flip:
             logits = logits[:b] + logits[b:].flip(-1)
         best = logits if best is None else torch.maximum(best, logits)
-    return best
+    if raw is None:
+        raw = logits_at(images)
+    return raw, best
 
 
 def to_original(scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -139,7 +139,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10,
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=clip)))  # (K, H·W)
     crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
     crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb,
-                             rgbim=np.ascontiguousarray(image, dtype=np.uint8),
+                             rgbim=np.require(image, np.uint8, ["C", "W"]),  # pydensecrf: writable
                              compat=bilateral_compat)
     q = crf.inference(iterations)
     return np.asarray(q, dtype=np.float32).reshape(k, h, w)

@@ -3,20 +3,30 @@
 A store is a Zarr v3 group holding one array per image (named by the image id), each one
 chunk, so an image costs a constant number of files (its ``zarr.json`` and one chunk) and DVC
 hashing stays fast. CAMs are float16 and compressed, masks uint8. The group attributes record
-what made the store (params, seed, package version, git revision).
+what made the store (params, seed, package version, git revision). A store may also hold named
+sub-groups declared when it is created (``groups``), each again one array per image: the
+segmentation's ``raw/<id>`` and ``ms_crf/<id>``, the auxiliary CAMs ``aux/<id>``.
 
 A store is *complete* only when the marker file ``COMPLETE`` exists; it is written by
 :meth:`StoreWriter.finish` after every image is in (and, when sharded, after every shard
 reported in). Readers refuse an incomplete store, so an interrupted stage never leaves one
 that looks complete. Creating a store replaces an earlier store of ours (a stage re-run) but
 never a folder we did not make.
+
+Sharding (:func:`open_writer`): shard 0 of n creates the store, unless a store of the same run
+(same attributes, hence the same params, inputs and shard count) is there already; the other
+shards wait for that store and add their images to it. Each shard drops a marker when done;
+the shard that finds every marker in writes ``COMPLETE`` (exclusively, so exactly one shard
+learns that it completed the store).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +38,8 @@ from seco_cli.errors import MissingInputError, SecoError
 
 COMPLETE = "COMPLETE"
 _KIND_ATTR = "seco_store"
+SHARD_WAIT_S = 600.0  # how long shard i > 0 waits for shard 0 to create the store
+_POLL_S = 0.2
 
 
 def _check_id(image_id: str) -> str:
@@ -81,11 +93,28 @@ def fresh_output_dir(path: str | Path) -> Path:
     return path
 
 
+def _marker(path: Path, shard: int, num_shards: int) -> Path:
+    return path / f".shard-{shard}-of-{num_shards}.done"
+
+
+def input_stamp(path: str | Path) -> str:
+    """Identity of a stage input for a run fingerprint: size and mtime of a file, or of a
+    store's ``COMPLETE`` marker (rewritten each time the store completes)."""
+    path = Path(path)
+    target = path / COMPLETE if path.is_dir() else path
+    try:
+        st = target.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
 class StoreWriter:
-    """Writes one store. ``kind`` is e.g. ``cams``, ``masks``; ``attrs`` its provenance."""
+    """Writes one store. ``kind`` is e.g. ``cams``, ``masks``; ``attrs`` its provenance;
+    ``groups`` the sub-groups it holds besides the root (made here, before any shard writes)."""
 
     def __init__(self, path: str | Path, kind: str, attrs: dict[str, Any], *, shard: int = 0,
-                 num_shards: int = 1, create: bool = True):
+                 num_shards: int = 1, create: bool = True, groups: Sequence[str] = ()):
         self.path = Path(path)
         self.kind = kind
         self.shard, self.num_shards = shard, num_shards
@@ -93,19 +122,30 @@ class StoreWriter:
             _clear(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.group = zarr.open_group(self.path, mode="w")
-            self.group.attrs.update({_KIND_ATTR: kind, "num_shards": num_shards, **attrs})
+            for name in groups:
+                self.group.create_group(_check_id(name))
+            # attributes last: a waiting shard joins once it sees them (open_writer)
+            self.group.attrs.update({_KIND_ATTR: kind, "num_shards": num_shards,
+                                     "groups": list(groups), **attrs})
         else:
             self.group = zarr.open_group(self.path, mode="r+")
+        self.groups = set(self.group.attrs.get("groups", []))
         (self.path / COMPLETE).unlink(missing_ok=True)
+        _marker(self.path, shard, num_shards).unlink(missing_ok=True)
         self.count = 0
 
-    def write(self, image_id: str, array: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
-        """Store one image's array as a single chunk (float → float16, compressed)."""
+    def write(self, image_id: str, array: np.ndarray, attrs: dict[str, Any] | None = None,
+              *, group: str | None = None) -> None:
+        """Store one image's array as a single chunk (float → float16, compressed), at the
+        root or in one of the store's ``group``s."""
         array = np.asarray(array)
         if array.dtype.kind == "f":
             array = array.astype(np.float16)
+        if group is not None and group not in self.groups:
+            raise ValueError(f"store '{self.path}' has no group '{group}' ({sorted(self.groups)})")
+        parent = self.group if group is None else self.group[group]
         compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle" if array.dtype == np.uint8 else "shuffle")
-        arr = self.group.create_array(
+        arr = parent.create_array(
             _check_id(image_id), shape=array.shape, dtype=array.dtype,
             chunks=tuple(max(1, d) for d in array.shape), compressors=compressor, overwrite=True,
             fill_value=0,
@@ -115,13 +155,56 @@ class StoreWriter:
             arr.attrs.update(attrs)
         self.count += 1
 
-    def finish(self, summary: dict[str, Any] | None = None) -> None:
-        """Mark this shard done; the store is complete once every shard is."""
-        done = self.path / f".shard-{self.shard}-of-{self.num_shards}.done"
-        done.write_text(json.dumps({"images": self.count, **(summary or {})}))
-        shards = [self.path / f".shard-{i}-of-{self.num_shards}.done" for i in range(self.num_shards)]
-        if all(p.exists() for p in shards):
-            (self.path / COMPLETE).write_text(json.dumps({"kind": self.kind, "shards": self.num_shards}))
+    def finish(self, summary: dict[str, Any] | None = None) -> bool:
+        """Mark this shard done; the store is complete once every shard is. True only for the
+        one call that completed the store (it may then export the whole store)."""
+        run = self.group.attrs.get("run")
+        _marker(self.path, self.shard, self.num_shards).write_text(
+            json.dumps({"images": self.count, "run": run, **(summary or {})}))
+        if not all(_marker(self.path, i, self.num_shards).exists() for i in range(self.num_shards)):
+            return False
+        try:
+            with (self.path / COMPLETE).open("x") as f:  # exclusive: one shard wins
+                f.write(json.dumps({"kind": self.kind, "shards": self.num_shards}))
+        except FileExistsError:
+            return False
+        return True
+
+
+def _run_of(path: Path) -> str | None:
+    """The run fingerprint recorded in a store's attributes (None: absent or being written)."""
+    try:
+        return json.loads((path / "zarr.json").read_text()).get("attributes", {}).get("run")
+    except (OSError, ValueError):
+        return None
+
+
+def open_writer(path: str | Path, kind: str, attrs: dict[str, Any], *, shard: int = 0,
+                num_shards: int = 1, groups: Sequence[str] = (),
+                wait_s: float = SHARD_WAIT_S) -> StoreWriter:
+    """The writer of shard ``shard`` of ``num_shards`` of one stage run (see the module doc).
+
+    A single shard always starts a fresh store. Shard 0 of several starts a fresh store unless
+    one of the same run exists (then it rewrites its own images into it); shard i > 0 waits
+    up to ``wait_s`` seconds for the store of its run and joins it.
+    """
+    if not 0 <= shard < num_shards:
+        raise SecoError(f"shard {shard} is outside 0..{num_shards - 1}", "--shard",
+                        "give i/n with 0 <= i < n")
+    path = Path(path)
+    key = {"kind": kind, "attrs": attrs, "num_shards": num_shards, "groups": list(groups)}
+    run = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    attrs = {**attrs, "run": run}
+    if num_shards == 1 or (shard == 0 and _run_of(path) != run):
+        return StoreWriter(path, kind, attrs, shard=shard, num_shards=num_shards, groups=groups)
+    deadline = time.monotonic() + wait_s
+    while _run_of(path) != run:
+        if time.monotonic() > deadline:
+            raise SecoError(f"shard {shard}/{num_shards} found no store of its run at '{path}' "
+                            f"after {wait_s:.0f} s", str(path),
+                            f"start shard 0/{num_shards} with the same params and inputs")
+        time.sleep(_POLL_S)
+    return StoreWriter(path, kind, attrs, shard=shard, num_shards=num_shards, create=False)
 
 
 class StoreReader:
@@ -135,32 +218,60 @@ class StoreReader:
         if not _is_ours(self.path):
             raise MissingInputError(f"'{self.path}' is not a SeCo artifact store", str(self.path), hint)
         if not (self.path / COMPLETE).exists():
-            raise MissingInputError(
-                f"artifact store '{self.path}' is incomplete (its stage was interrupted)",
-                str(self.path), hint,
-            )
+            raise MissingInputError(self._incomplete(), str(self.path), hint)
         self.group = zarr.open_group(self.path, mode="r")
         self.attrs = dict(self.group.attrs)
+        self.groups: list[str] = list(self.attrs.get("groups", []))
         if kind is not None and self.attrs.get(_KIND_ATTR) != kind:
             raise MissingInputError(
                 f"'{self.path}' holds '{self.attrs.get(_KIND_ATTR)}', expected '{kind}'",
                 str(self.path), hint,
             )
 
-    def ids(self) -> list[str]:
+    def _incomplete(self) -> str:
+        what = f"artifact store '{self.path}' is incomplete"
+        try:
+            n = int(json.loads((self.path / "zarr.json").read_text())["attributes"]["num_shards"])
+        except (OSError, ValueError, KeyError, TypeError):
+            n = 1
+        missing = [i for i in range(n) if not _marker(self.path, i, n).exists()]
+        if n > 1:
+            return f"{what}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} not done"
+        return f"{what} (its stage was interrupted)"
+
+    def _folder(self, group: str | None) -> Path:
+        if group is not None and group not in self.groups:
+            raise MissingInputError(f"store '{self.path}' has no group '{group}'", str(self.path),
+                                    "re-run the stage that makes it")
+        return self.path if group is None else self.path / group
+
+    def ids(self, group: str | None = None) -> list[str]:
         # Listed from the folder: the marker files are not Zarr nodes (and zarr warns on them).
-        return sorted(p.name for p in self.path.iterdir() if (p / "zarr.json").is_file())
+        skip = set(self.groups) if group is None else set()
+        return sorted(p.name for p in self._folder(group).iterdir()
+                      if (p / "zarr.json").is_file() and p.name not in skip)
 
     def __contains__(self, image_id: str) -> bool:
-        return (self.path / image_id / "zarr.json").exists()
+        return self.has(image_id)
 
-    def read(self, image_id: str) -> np.ndarray:
-        return self.group[_check_id(image_id)][...]
+    def has(self, image_id: str, group: str | None = None) -> bool:
+        if group is None and image_id in self.groups:
+            return False
+        return (self._folder(group) / image_id / "zarr.json").exists()
 
-    def read_with_attrs(self, image_id: str) -> tuple[np.ndarray, dict[str, Any]]:
-        arr = self.group[_check_id(image_id)]
+    def _array(self, image_id: str, group: str | None) -> Any:
+        self._folder(group)
+        parent = self.group if group is None else self.group[group]
+        return parent[_check_id(image_id)]
+
+    def read(self, image_id: str, group: str | None = None) -> np.ndarray:
+        return self._array(image_id, group)[...]
+
+    def read_with_attrs(self, image_id: str, group: str | None = None,
+                        ) -> tuple[np.ndarray, dict[str, Any]]:
+        arr = self._array(image_id, group)
         return arr[...], dict(arr.attrs)
 
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for image_id in self.ids():
-            yield image_id, self.read(image_id)
+    def items(self, group: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        for image_id in self.ids(group):
+            yield image_id, self.read(image_id, group)

@@ -1,5 +1,10 @@
 """Stage `cams`: CAM seeds of the train split (scales + flip fused as SPEC §3.2) → Zarr,
-float16, only the image's own classes, at ``cams.store_size``."""
+float16, only the image's own classes, at ``cams.store_size``.
+
+The final CAMs are the store's root arrays (``<id>``); with ``cams.aux`` the auxiliary CAMs,
+made alike from the same forward pass, go to the group ``aux`` (``aux/<id>``). Sharded runs
+(``shard``) write their share of the ids into the one store.
+"""
 
 from __future__ import annotations
 
@@ -10,38 +15,42 @@ import numpy as np
 import torch
 
 from seco_cli.cams import fuse_cams, normalise_cams
-from seco_cli.data.prepared import PreparedDataset
-from seco_cli.device import resolve_device
-from seco_cli.inference import batches, load_model, stored_size, to_original
+from seco_cli.inference import cam_fn, setup, stored_size, to_original
 from seco_cli.params import Params
 from seco_cli.progress import Progress, Silent
-from seco_cli.provenance import provenance
-from seco_cli.store import StoreWriter
+from seco_cli.shards import Shard
+from seco_cli.store import open_writer
+
+AUX = "aux"
 
 
 @torch.no_grad()
-def run(params: Params, prepared: Path, model: Path, out: Path,
+def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = Shard(),
         progress: Progress = Silent()) -> dict[str, Any]:
     cp = params.cams
-    data = PreparedDataset(prepared)
-    device = resolve_device(cp.device, "cams.device")
-    net, meta = load_model(model, params, data.num_classes, device)
-    split = cp.split or params.data.train_split
-    ids = data.ids(split)
-    crop = params.model.crop_size
-    attrs = {"provenance": provenance(params.dump(), meta.get("seed")), "split": split,
-             "classes": data.classes, "model_revision": meta.get("git_revision")}
-    writer = StoreWriter(out, "cams", attrs)
-    stream = batches(data, ids, cp.batch_size, crop, params.data.mean, params.data.std)
-    total = -(-len(ids) // cp.batch_size)
-    for chunk, images, sizes in progress.track(stream, total, f"cams ({split})"):
-        labels = torch.from_numpy(np.stack([data.label_vector(i) for i in chunk]))
-        cam = fuse_cams(net.cams, images.to(device), cp.scales, cp.flip, (crop, crop))
-        cam = normalise_cams(cam, labels.to(device)).cpu()
+    inf = setup(params, prepared, model, cp.device, "cams.device",
+                cp.split or params.data.train_split, shard)
+    attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux}
+    writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
+                         groups=[AUX] if cp.aux else [])
+    fn = cam_fn(inf.net, cp.aux)
+    size = (inf.crop, inf.crop)
+    total = -(-len(inf.ids) // cp.batch_size)
+    stream = inf.batches(cp.batch_size, params.data.mean, params.data.std)
+    for chunk, images, sizes in progress.track(stream, total, f"cams ({inf.split}){shard.label}"):
+        labels = torch.from_numpy(np.stack([inf.data.label_vector(i) for i in chunk]))
+        labels = labels.to(inf.device)                                  # (B, C)
+        fused = fuse_cams(fn, images.to(inf.device), cp.scales, cp.flip, size,
+                          inf.net.backbone.stride)
+        fused = fused if cp.aux else (fused,)  # final[, aux]
+        maps = [normalise_cams(cam, labels).cpu() for cam in fused]  # each (B, C, crop, crop)
         for k, image_id in enumerate(chunk):
-            own = data.labels(image_id)
-            scores = cam[k, [c - 1 for c in own]]  # (K, crop, crop), K = own classes
-            size = stored_size(sizes[k], cp.store_size)
-            writer.write(image_id, to_original(scores, size).clip(0, 1), {"labels": own})
-    writer.finish()
-    return {"images": len(ids), "split": split}
+            own = inf.data.labels(image_id)
+            stored = stored_size(sizes[k], cp.store_size)
+            for cam, group in zip(maps, [None, AUX], strict=False):
+                scores = cam[k, [c - 1 for c in own]]  # (K, crop, crop), K = own classes
+                writer.write(image_id, to_original(scores, stored).clip(0, 1), {"labels": own},
+                             group=group)
+    complete = writer.finish()
+    return {"images": len(inf.ids), "split": inf.split, "shard": str(shard), "complete": complete}
+

@@ -6,9 +6,14 @@ Scored sources (images without a ground-truth mask are skipped and counted):
 - ``cams``: CAM seeds of the cams split (``cams.split`` or ``data.train_split``) at
   ``evaluate.cam_bkg``, plus the ``evaluate.bkg_sweep`` curve (one pass over the images);
 - ``pseudo``: pseudo masks, made from those CAMs, on the same split;
-- ``segment``: the segmentation of the eval split (``segment.split`` or ``data.eval_split``),
-  variant ``raw``. A later variant ``<v>`` becomes a source ``segment_<v>`` (see
-  ``SEGMENT_VARIANTS``) with the same entries everywhere.
+- ``cams_aux``: the auxiliary CAMs, scored alike, when the CAM store holds them (``cams.aux``);
+- ``segment_raw`` and ``segment_ms_crf``: the segmentation of the eval split (``segment.split``
+  or ``data.eval_split``), variants ``raw`` (scale 1, no CRF) and ``ms_crf`` (scales + flip +
+  CRF) of the segment store.
+
+The picture grid (``samples.png`` in the plots folder) shows the first ``evaluate.grid_images``
+ids (sorted) with a mask of the cams split and of the segment split: image | ground truth |
+CAM | pseudo mask | prediction (the ``ms_crf`` variant).
 
 Pairs (paper Table 3) come from ``evaluate.pairs`` or, when that is empty, from the
 ``evaluate.top_pairs`` most frequent class pairs of the train split's co-occurrence counts.
@@ -27,7 +32,7 @@ import numpy as np
 
 from seco_cli.cams import resize_scores
 from seco_cli.data.prepared import PreparedDataset
-from seco_cli.errors import SecoError
+from seco_cli.errors import MissingInputError, SecoError
 from seco_cli.jsonio import write_json, write_text
 from seco_cli.metrics import (
     BkgSweep,
@@ -40,12 +45,15 @@ from seco_cli.metrics import (
     summarize,
 )
 from seco_cli.params import Params
+from seco_cli.pictures import GridRow, sample_grid
 from seco_cli.store import StoreReader, fresh_output_dir
 
-# segmentation store variant → source name in the report (array naming: "raw" = the image id)
-SEGMENT_VARIANTS = {"raw": "segment"}
+# segmentation store group (variant) → source name in the report
+SEGMENT_VARIANTS = {"raw": "segment_raw", "ms_crf": "segment_ms_crf"}
+AUX = "aux"  # group of the auxiliary CAMs in the CAM store
 HEADLINE = ("miou", "precision", "recall", "fp_tp")
-PAIR_SOURCES = ("cams", *SEGMENT_VARIANTS.values())
+PAIR_SOURCES = ("cams", "pseudo", *SEGMENT_VARIANTS.values())
+GRID = "samples.png"
 Advance = Callable[[int], None]
 
 
@@ -86,8 +94,11 @@ def compact(report: dict[str, Any]) -> dict[str, Any]:
     for name, src in report["sources"].items():
         out[name] = {k: src[k] for k in HEADLINE}
         out[name].update(images=src["images"], skipped_no_mask=src["skipped_no_mask"])
-    cams = report["sources"]["cams"]
-    out["cams"].update(bkg=cams["bkg"], best_bkg=cams["best"]["bkg"], best_miou=cams["best"]["miou"])
+    for name in ("cams", "cams_aux"):
+        if name in report["sources"]:
+            cams = report["sources"][name]
+            out[name].update(bkg=cams["bkg"], best_bkg=cams["best"]["bkg"],
+                             best_miou=cams["best"]["miou"])
     out["pairs"] = {
         pair: {name: report["sources"][name]["pairs"][pair] for name in PAIR_SOURCES
                if name in report["sources"]}
@@ -117,19 +128,21 @@ def plot_files(report: dict[str, Any]) -> dict[str, str]:
         # dvc's confusion_normalized counts rows, so each GT row i is written as
         # round(1000 * cm[i, j] / rowsum_i) copies of (class_i, class_j): see confusion_rows
         files[f"{name}_confusion.csv"] = _csv(["actual", "predicted"], confusion_rows(cm, classes))
-    files["cam_bkg_sweep.csv"] = _csv(
-        ["bkg", "miou"], ([p["bkg"], p["miou"]] for p in report["sources"]["cams"]["sweep"]))
+    for name in ("cams", "cams_aux"):
+        if name in report["sources"]:
+            files[f"{name.replace('cams', 'cam')}_bkg_sweep.csv"] = _csv(
+                ["bkg", "miou"], ([p["bkg"], p["miou"]] for p in report["sources"][name]["sweep"]))
     files["report.json"] = json.dumps(report, indent=2) + "\n"
     return files
 
 
 # --------------------------------------------------------------------------- I/O
-def _with_masks(data: PreparedDataset, split: str, store: StoreReader,
-                stage: str) -> tuple[list[str], int]:
+def _with_masks(data: PreparedDataset, split: str, store: StoreReader, stage: str,
+                group: str | None = None) -> tuple[list[str], int]:
     """Ids of the split that have a mask (the rest are skipped); each must be in the store."""
     ids = data.ids(split)
     scored = [i for i in ids if data.has_mask(i)]
-    missing = [i for i in scored if i not in store]
+    missing = [i for i in scored if not store.has(i, group)]
     if missing:
         raise SecoError(f"{len(missing)} image(s) of split '{split}' are not in the store "
                         f"(first: '{missing[0]}')", str(store.path), f"re-run `seco {stage}`")
@@ -143,9 +156,10 @@ def _checked(image_id: str, gt: np.ndarray, pred: np.ndarray, store: Path, stage
     return pred
 
 
-def _cam_items(data: PreparedDataset, ids: list[str], store: StoreReader) -> Iterator[tuple]:
+def _cam_items(data: PreparedDataset, ids: list[str], store: StoreReader,
+               group: str | None = None) -> Iterator[tuple]:
     for i in ids:
-        cam, attrs = store.read_with_attrs(i)
+        cam, attrs = store.read_with_attrs(i, group)
         labels = list(attrs["labels"])
         if cam.ndim != 3 or cam.shape[0] != len(labels):
             raise SecoError(f"CAM of '{i}' is {cam.shape} for {len(labels)} labels",
@@ -153,11 +167,11 @@ def _cam_items(data: PreparedDataset, ids: list[str], store: StoreReader) -> Ite
         yield data.mask(i), cam, labels
 
 
-def _mask_items(data: PreparedDataset, ids: list[str], store: StoreReader,
-                stage: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _mask_items(data: PreparedDataset, ids: list[str], store: StoreReader, stage: str,
+                group: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for i in ids:
         gt = data.mask(i)
-        yield gt, _checked(i, gt, store.read(i), store.path, stage)
+        yield gt, _checked(i, gt, store.read(i, group), store.path, stage)
 
 
 def _pairs(params: Params, data: PreparedDataset) -> list[tuple[str, str]]:
@@ -169,10 +183,11 @@ def _pairs(params: Params, data: PreparedDataset) -> list[tuple[str, str]]:
 
 
 def _eval_cams(data: PreparedDataset, store: StoreReader, split: str, params: Params,
-               pairs: list[tuple[str, str]], progress: Advance | None) -> dict[str, Any]:
+               pairs: list[tuple[str, str]], progress: Advance | None,
+               group: str | None = None) -> dict[str, Any]:
     ep = params.evaluate
-    ids, skipped = _with_masks(data, split, store, "cams")
-    sweep = score_cams(_cam_items(data, ids, store), len(data.classes),
+    ids, skipped = _with_masks(data, split, store, "cams", group)
+    sweep = score_cams(_cam_items(data, ids, store, group), len(data.classes),
                        [*ep.bkg_sweep, ep.cam_bkg], progress)
     wanted = {float(t) for t in ep.bkg_sweep}
     curve = [p for p in sweep.curve(data.classes) if p["bkg"] in wanted]
@@ -182,39 +197,72 @@ def _eval_cams(data: PreparedDataset, store: StoreReader, split: str, params: Pa
 
 
 def _eval_masks(data: PreparedDataset, store: StoreReader, stage: str, split: str,
-                pairs: list[tuple[str, str]], progress: Advance | None) -> dict[str, Any]:
-    ids, skipped = _with_masks(data, split, store, stage)
-    cm = score_masks(_mask_items(data, ids, store, stage), len(data.classes), progress)
+                pairs: list[tuple[str, str]], progress: Advance | None,
+                group: str | None = None) -> dict[str, Any]:
+    ids, skipped = _with_masks(data, split, store, stage, group)
+    cm = score_masks(_mask_items(data, ids, store, stage, group), len(data.classes), progress)
     return source_report(cm, data.classes, pairs, split, len(ids), skipped)
+
+
+def _grid_rows(data: PreparedDataset, splits: list[str], stores: dict[str, StoreReader],
+               count: int) -> list[GridRow]:
+    """The first ``count`` ids (sorted) with a mask of each split, each id once."""
+    ids: list[str] = []
+    for split in dict.fromkeys(splits):
+        ids += [i for i in sorted(data.ids(split)) if data.has_mask(i) and i not in ids][:count]
+    cams, pseudo, seg = stores["cams"], stores["pseudo"], stores["segment"]
+    rows = []
+    for i in ids:
+        cam, attrs = cams.read_with_attrs(i) if i in cams else (None, {})
+        rows.append(GridRow(i, data.image(i), data.mask(i), cam, list(attrs.get("labels", [])),
+                            pseudo.read(i) if i in pseudo else None,
+                            seg.read(i, "ms_crf") if seg.has(i, "ms_crf") else None))
+    return rows
+
+
+def _segment_store(path: Path) -> StoreReader:
+    store = StoreReader(path, "segment", stage_hint="segment")
+    if not set(SEGMENT_VARIANTS) <= set(store.groups):
+        raise MissingInputError(f"segment store '{path}' lacks the variants "
+                                f"{', '.join(SEGMENT_VARIANTS)} (an older format)", str(path),
+                                "re-run `seco segment`")
+    return store
 
 
 def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
         metrics_out: Path, plots_dir: Path, progress: Advance | None = None) -> dict[str, Any]:
-    """Score the three sources, write ``metrics_out`` and the plot folder, return the metrics.
+    """Score every source, write ``metrics_out`` and the plot folder (CSVs, full report, picture
+    grid), return the metrics.
 
     ``progress``, when given, is called with the number of images just scored (an "advance").
     """
     data = PreparedDataset(prepared)
-    cam_store = StoreReader(cams, "cams", stage_hint="cams")
-    pseudo_store = StoreReader(pseudo, "pseudo", stage_hint="pseudo")
-    seg_store = StoreReader(segment, "segment", stage_hint="segment")
+    stores = {"cams": StoreReader(cams, "cams", stage_hint="cams"),
+              "pseudo": StoreReader(pseudo, "pseudo", stage_hint="pseudo"),
+              "segment": _segment_store(segment)}
     # pseudo masks are made from the CAMs, so they cover the cams split
     cam_split = params.cams.split or params.data.train_split
     seg_split = params.segment.split or params.data.eval_split
     pairs = _pairs(params, data)
-    sources = {
-        "cams": _eval_cams(data, cam_store, cam_split, params, pairs, progress),
-        "pseudo": _eval_masks(data, pseudo_store, "pseudo", cam_split, pairs, progress),
-        SEGMENT_VARIANTS["raw"]: _eval_masks(data, seg_store, "segment", seg_split, pairs,
-                                             progress),
-    }
+    sources = {"cams": _eval_cams(data, stores["cams"], cam_split, params, pairs, progress)}
+    if AUX in stores["cams"].groups:
+        sources["cams_aux"] = _eval_cams(data, stores["cams"], cam_split, params, pairs,
+                                         progress, AUX)
+    sources["pseudo"] = _eval_masks(data, stores["pseudo"], "pseudo", cam_split, pairs, progress)
+    for variant, name in SEGMENT_VARIANTS.items():
+        sources[name] = _eval_masks(data, stores["segment"], "segment", seg_split, pairs,
+                                    progress, variant)
     report = {"classes": data.classes, "pairs": [list(p) for p in pairs],
               "pairs_from": "params" if params.evaluate.pairs else "cooccurrence",
               "sources": sources}
     metrics = compact(report)
     files = plot_files(report)
+    rows = _grid_rows(data, [cam_split, seg_split], stores, params.evaluate.grid_images)
+    grid = sample_grid(rows, data.classes, params.evaluate.grid_panel) if rows else None
     out_dir = fresh_output_dir(plots_dir)  # cleared only now that every score is in
     for name, text in files.items():
         write_text(out_dir / name, text)
+    if grid is not None:
+        grid.save(out_dir / GRID)
     write_json(metrics_out, metrics)
     return metrics

@@ -33,6 +33,8 @@ TINY = [
     "train.proto_start=1",
     "cams.batch_size=8",
     "segment.batch_size=8",
+    "pseudo.workers=1",  # no process pool: tests/test_inference.py covers it
+    "segment.workers=1",
 ]
 
 

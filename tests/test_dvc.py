@@ -89,4 +89,4 @@ def test_dvc_repro_twice_then_experiment_and_metrics_diff(tmp_path: Path):
     exp = _run(["dvc", "exp", "run", "-S", "train.iterations=8"], repo)
     assert "Running stage 'train'" in exp and "Running stage 'prepare'" not in exp
     diff = _run(["dvc", "metrics", "diff"], repo)
-    assert "artifacts/metrics/evaluate.json" in diff and "segment.miou" in diff
+    assert "artifacts/metrics/evaluate.json" in diff and "segment_ms_crf.miou" in diff

@@ -48,9 +48,11 @@ def paths(tmp_path: Path) -> dict[str, Path]:
     pseudo.write("t2", np.array([[2, 2, 2, 3], [0, 0, 3, 3]], np.uint8))
     pseudo.write("t3", np.ones((2, 4), np.uint8))
     pseudo.finish()
-    seg = StoreWriter(tmp_path / "segment.zarr", "segment", {"variants": ["raw"]})
-    seg.write("v1", np.array([[0, 1, 1, 1], [1, 0, 1, 1]], np.uint8))
-    seg.write("v2", np.array([[2, 3, 3, 0], [2, 3, 3, 0]], np.uint8))
+    seg = StoreWriter(tmp_path / "segment.zarr", "segment", {}, groups=["raw", "ms_crf"])
+    seg.write("v1", np.array([[0, 1, 1, 1], [1, 0, 1, 1]], np.uint8), group="ms_crf")
+    seg.write("v2", np.array([[2, 3, 3, 0], [2, 3, 3, 0]], np.uint8), group="ms_crf")
+    for i in ("v1", "v2"):  # raw: all background
+        seg.write(i, np.zeros((2, 4), np.uint8), group="raw")
     seg.finish()
     return {"prepared": tmp_path / "prepared", "cams": tmp_path / "cams.zarr",
             "pseudo": tmp_path / "pseudo.zarr", "segment": tmp_path / "segment.zarr",
@@ -81,10 +83,10 @@ PAIRS = [("boat", "background"), ("horse", "background"), ("horse", "person")]
 def test_metrics_json_exact(paths):
     steps = []
     out = _run(paths, _params(PAIRS), progress=steps.append)
-    assert sum(steps) == 2 + 2 + 2  # images with masks: cams, pseudo (train), segment (val)
+    assert sum(steps) == 2 + 2 + 2 + 2  # images with masks: cams, pseudo (train), 2 × segment (val)
     metrics = json.loads(paths["metrics"].read_text())
     assert metrics == out
-    assert list(metrics) == ["cams", "pseudo", "segment", "pairs"]
+    assert list(metrics) == ["cams", "pseudo", "segment_raw", "segment_ms_crf", "pairs"]
     cams = metrics["cams"]
     assert set(cams) == {"miou", "precision", "recall", "fp_tp", "images", "skipped_no_mask",
                          "bkg", "best_bkg", "best_miou"}
@@ -98,8 +100,11 @@ def test_metrics_json_exact(paths):
     # pseudo: rows [6,0,0,0] [0,4,0,0] [0,0,2,0] [0,0,1,3]
     assert metrics["pseudo"]["miou"] == pytest.approx((1 + 1 + 2 / 3 + 3 / 4) / 4)
     assert metrics["pseudo"]["fp_tp"] == pytest.approx(0.5 / 3)
-    # segment: rows [4,1,0,0] [0,4,0,0] [0,0,2,1] [0,0,0,3]; the 255 pixel of v1 is ignored
-    seg = metrics["segment"]
+    # segment raw, all background: column 0 = [5, 4, 3, 3]; only background has an IoU, 5/15
+    assert metrics["segment_raw"]["miou"] == pytest.approx(1 / 3 / 4)
+    assert metrics["segment_raw"]["recall"] == pytest.approx(1 / 4)
+    # segment ms_crf: rows [4,1,0,0] [0,4,0,0] [0,0,2,1] [0,0,0,3]; the 255 pixel of v1 is ignored
+    seg = metrics["segment_ms_crf"]
     assert seg["miou"] == pytest.approx((0.8 + 0.8 + 2 / 3 + 0.75) / 4)
     assert seg["precision"] == pytest.approx((1 + 0.8 + 1 + 0.75) / 4)
     assert seg["recall"] == pytest.approx((0.8 + 1 + 2 / 3 + 1) / 4)
@@ -110,47 +115,48 @@ def test_metrics_json_exact(paths):
     assert pairs["horse/background"]["cams"] == pytest.approx(
         {"iou": 2 / 3, "fp_tp": 0.5, "fp_share_on_partner": 1.0})
     assert pairs["horse/person"]["cams"]["fp_share_on_partner"] == 0.0
-    assert pairs["boat/background"]["segment"] == pytest.approx(
+    assert pairs["boat/background"]["segment_ms_crf"] == pytest.approx(
         {"iou": 0.8, "fp_tp": 0.25, "fp_share_on_partner": 1.0})
-    assert pairs["horse/person"]["segment"] == {"iou": pytest.approx(2 / 3), "fp_tp": 0.0,
-                                                "fp_share_on_partner": None}
-    assert set(pairs["boat/background"]) == {"cams", "segment"}
+    assert pairs["horse/person"]["segment_ms_crf"] == {
+        "iou": pytest.approx(2 / 3), "fp_tp": 0.0, "fp_share_on_partner": None}
+    assert set(pairs["boat/background"]) == {"cams", "pseudo", "segment_raw", "segment_ms_crf"}
 
 
 def test_plot_files_exact(paths):
     _run(paths, _params(PAIRS))
     plots = paths["plots"]
     names = {p.name for p in plots.iterdir() if not p.name.startswith(".")}
-    assert names == {f"{s}_{k}.csv" for s in ("cams", "pseudo", "segment")
-                     for k in ("per_class", "confusion")} | {"cam_bkg_sweep.csv", "report.json"}
+    assert names == {f"{s}_{k}.csv" for s in ("cams", "pseudo", "segment_raw", "segment_ms_crf")
+                     for k in ("per_class", "confusion")} | {"cam_bkg_sweep.csv", "report.json",
+                                                             "samples.png"}
     sweep = _csv(plots / "cam_bkg_sweep.csv")
     assert [float(r["bkg"]) for r in sweep] == [0.2, 0.45, 0.5]
     # at 0.2: rows [2,2,1,1] [0,4,0,0] [0,0,2,0] [0,0,0,4]
     assert [float(r["miou"]) for r in sweep] == pytest.approx(
         [(1 / 3 + 2 / 3 + 2 / 3 + 0.8) / 4, 0.875, 1.0])
-    per_class = {r["class"]: r for r in _csv(plots / "segment_per_class.csv")}
+    per_class = {r["class"]: r for r in _csv(plots / "segment_ms_crf_per_class.csv")}
     assert list(per_class) == CLASSES
     assert float(per_class["person"]["iou"]) == pytest.approx(0.75)
     assert float(per_class["person"]["precision"]) == pytest.approx(0.75)
     assert float(per_class["horse"]["recall"]) == pytest.approx(2 / 3)
     assert float(per_class["boat"]["fp_tp"]) == pytest.approx(0.25)
     assert per_class["background"]["fp_tp"] == "0.0"
-    rows = Counter((r["actual"], r["predicted"]) for r in _csv(plots / "segment_confusion.csv"))
+    rows = Counter((r["actual"], r["predicted"]) for r in _csv(plots / "segment_ms_crf_confusion.csv"))
     assert rows == {("background", "background"): 800, ("background", "boat"): 200,
                     ("boat", "boat"): 1000, ("horse", "horse"): 667, ("horse", "person"): 333,
                     ("person", "person"): 1000}
     report = json.loads((plots / "report.json").read_text())
     assert report["pairs_from"] == "params"
-    assert report["sources"]["segment"]["confusion"] == [[4, 1, 0, 0], [0, 4, 0, 0],
+    assert report["sources"]["segment_ms_crf"]["confusion"] == [[4, 1, 0, 0], [0, 4, 0, 0],
                                                          [0, 0, 2, 1], [0, 0, 0, 3]]
     assert report["sources"]["cams"]["split"] == "train"
-    assert report["sources"]["segment"]["split"] == "val"
+    assert report["sources"]["segment_ms_crf"]["split"] == "val"
 
 
 def test_pairs_default_to_cooccurrence(paths):
     metrics = _run(paths, _params([]))
     assert list(metrics["pairs"]) == ["horse/person", "person/horse"]  # the only pair seen
-    assert metrics["pairs"]["person/horse"]["segment"]["fp_share_on_partner"] == 1.0
+    assert metrics["pairs"]["person/horse"]["segment_ms_crf"]["fp_share_on_partner"] == 1.0
     report = json.loads((paths["plots"] / "report.json").read_text())
     assert report["pairs_from"] == "cooccurrence"
 
@@ -168,8 +174,9 @@ def test_missing_store_names_the_stage_to_run(paths):
 
 
 def test_store_lacking_a_split_image_is_refused(paths):
-    seg = StoreWriter(paths["segment"], "segment", {"variants": ["raw"]})
-    seg.write("v1", np.zeros((2, 4), np.uint8))
+    seg = StoreWriter(paths["segment"], "segment", {}, groups=["raw", "ms_crf"])
+    for group in ("raw", "ms_crf"):
+        seg.write("v1", np.zeros((2, 4), np.uint8), group=group)
     seg.finish()
     with pytest.raises(SecoError, match="1 image\\(s\\) of split 'val'.*'v2'"):
         _run(paths, _params(PAIRS))

@@ -31,7 +31,7 @@ def test_six_stages_end_to_end(tmp_path: Path):
     _invoke("cams", "--prepared", str(a / "prepared"), "--model", str(a / "train/model.pt"),
             "--out", str(a / "cams.zarr"))
     _invoke("pseudo", "--prepared", str(a / "prepared"), "--cams", str(a / "cams.zarr"),
-            "--out", str(a / "pseudo.zarr"))
+            "--out", str(a / "pseudo.zarr"), "--png-dir", str(a / "pseudo_png"))
     _invoke("segment", "--prepared", str(a / "prepared"), "--model", str(a / "train/model.pt"),
             "--out", str(a / "segment.zarr"), "--png-dir", str(a / "png"))
     _invoke("evaluate", "--prepared", str(a / "prepared"), "--cams", str(a / "cams.zarr"),
@@ -54,12 +54,14 @@ def test_six_stages_end_to_end(tmp_path: Path):
         assert prov["params"]["train"]["iterations"] == 6
         assert prov["seed"] == 0 and prov["git_revision"] and prov["seco_version"]
     seg = StoreReader(a / "segment.zarr", "segment")
-    assert seg.ids() == sorted(data.ids("val"))
+    assert seg.ids() == [] and seg.groups == ["raw", "ms_crf"]
+    assert seg.ids("raw") == seg.ids("ms_crf") == sorted(data.ids("val"))
     assert len(list((a / "png").glob("*.png"))) == 8
+    assert (a / "plots/samples.png").is_file()
     ckpt = torch.load(a / "train/model.pt", weights_only=True)
     assert ckpt["meta"]["params"]["train"]["iterations"] == 6
     metrics = json.loads((a / "m/evaluate.json").read_text())
-    for name in ("cams", "pseudo", "segment"):
+    for name in ("cams", "pseudo", "segment_raw", "segment_ms_crf"):
         assert 0.0 <= metrics[name]["miou"] <= 1.0
     rows = (a / "train/prototype_similarity.csv").read_text().splitlines()
     assert rows[0] == "a,b,similarity" and len(rows) == 1 + 6 * 6

@@ -1,0 +1,377 @@
+"""Inference at the paper's protocol (SPEC §3.2, §8): CAM fusion and flips, segmentation
+variants, pseudo masks with PAR/CRF over a process pool, sharded stages, PNG export, the
+background sweep and the picture grid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seco_cli.cams import cam_to_mask, fuse_cams
+from seco_cli.data.images import load_mask
+from seco_cli.data.prepared import PreparedDataset, Sample, write_prepared
+from seco_cli.errors import MissingInputError, SecoError
+from seco_cli.inference import load_model, seg_variants
+from seco_cli.metrics import BkgSweep, best_threshold
+from seco_cli.models.network import SeCoNet
+from seco_cli.pictures import CAPTION, COLUMNS, GridRow, grid_size, sample_grid
+from seco_cli.postprocess import MaskSettings, pseudo_mask
+from seco_cli.shards import Shard, parse_shard, resolve_shard
+from seco_cli.store import COMPLETE, StoreReader, StoreWriter, open_writer
+from stages import cams as cams_stage
+from stages import evaluate as evaluate_stage
+from stages import pseudo as pseudo_stage
+from stages import segment as segment_stage
+from tests.conftest import tiny_params
+
+CRF = {"iterations": 5, "gauss_sxy": 1.0, "gauss_compat": 1.0, "bilateral_sxy": 20.0,
+       "bilateral_srgb": 10.0, "bilateral_compat": 4.0}
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory) -> dict:
+    """A prepared TINY dataset and a (randomly initialised) model checkpoint for it."""
+    from stages import prepare
+
+    root = tmp_path_factory.mktemp("inference")
+    params = tiny_params()
+    prepare.run(params, root / "prepared", root / "prepare.json")
+    data = PreparedDataset(root / "prepared")
+    torch.manual_seed(0)
+    net = SeCoNet(params.model, data.num_classes)
+    torch.save({"model": net.state_dict(),
+                "meta": {"backbone": params.model.backbone, "num_classes": data.num_classes,
+                         "params": params.dump(), "seed": 0}}, root / "model.pt")
+    return {"root": root, "prepared": root / "prepared", "model": root / "model.pt"}
+
+
+def _arrays(path: Path, group: str | None = None) -> dict[str, np.ndarray]:
+    reader = StoreReader(path)
+    return dict(reader.items(group))
+
+
+def _assert_same_store(a: Path, b: Path, groups: list[str | None]) -> None:
+    for group in groups:
+        left, right = _arrays(a, group), _arrays(b, group)
+        assert sorted(left) == sorted(right) and left
+        for image_id, arr in left.items():
+            np.testing.assert_array_equal(arr, right[image_id], err_msg=f"{group}/{image_id}")
+
+
+# --------------------------------------------------------------------------- fusion and flips
+def _ramp_net_cam(x: torch.Tensor) -> torch.Tensor:
+    """A CAM that is not flip-equivariant: channel 0 of the input times w(x) = x / (W - 1)."""
+    w = torch.linspace(0, 1, x.shape[-1])
+    return x[:, :1] * w
+
+
+def test_flip_is_undone_on_an_asymmetric_input():
+    a = torch.linspace(0.5, 2.0, 8)                      # the image's channel 0 along x
+    images = a.expand(1, 3, 4, 8).clone()
+    w = torch.linspace(0, 1, 8)
+    got = fuse_cams(_ramp_net_cam, images, [1.0], True, (4, 8))
+    # cam(image) = a·w; cam(flip image) flipped back = a·flip(w); max over the pair
+    expected = (a * torch.maximum(w, w.flip(0))).expand(1, 1, 4, 8)
+    torch.testing.assert_close(got, expected)
+    # a missing flip-back would give w·max(a, flip(a)) instead
+    assert not torch.allclose(got, (w * torch.maximum(a, a.flip(0))).expand(1, 1, 4, 8))
+
+
+class _RampNet(torch.nn.Module):
+    """``seg_variants``' view of a network: backbone → tokens, decoder → logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = self
+        self.stride = 1
+        self.decoder = torch.nn.Identity()
+
+    def forward(self, x):
+        return _ramp_net_cam(x).repeat(1, 2, 1, 1), None, None  # (B, 2, H, W)
+
+
+def test_segmentation_sums_logits_over_the_flip_pair():
+    a = torch.linspace(0.5, 2.0, 8)
+    images = a.expand(1, 3, 4, 8).clone()
+    w = torch.linspace(0, 1, 8)
+    raw, ms = seg_variants(_RampNet(), images, [1.0], True)
+    torch.testing.assert_close(ms[0, 0], (a * (w + w.flip(0))).expand(4, 8))
+    torch.testing.assert_close(raw[0, 0], (a * w).expand(4, 8))  # scale 1, no flip
+
+
+def test_single_scale_without_flip_equals_the_plain_forward(case):
+    params = tiny_params()
+    net, _ = load_model(case["model"], params, 6, torch.device("cpu"))
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        tokens, _, _ = net.backbone(x)
+        cam = torch.nn.functional.interpolate(net.classifier.cam(tokens), size=(48, 48),
+                                              mode="bilinear", align_corners=False).relu()
+        torch.testing.assert_close(fuse_cams(net.cams, x, [1.0], False, (48, 48)), cam)
+        seg = torch.nn.functional.interpolate(net.decoder(tokens), size=(48, 48),
+                                              mode="bilinear", align_corners=False)
+        raw, ms = seg_variants(net, x, [1.0], False)
+    torch.testing.assert_close(raw, seg)
+    torch.testing.assert_close(ms, seg)
+
+
+def test_multi_scale_is_the_max_over_scales(case):
+    params = tiny_params()
+    net, _ = load_model(case["model"], params, 6, torch.device("cpu"))
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        each = [seg_variants(net, x, [s], True)[1] for s in (1.0, 1.5)]
+        _, both = seg_variants(net, x, [1.0, 1.5], True)
+        # 0.75 × 48 = 36 is not a multiple of the patch size 8: rounded to 40, no error
+        assert seg_variants(net, x, [0.75], False)[1].shape == (1, 7, 48, 48)
+    torch.testing.assert_close(both, torch.maximum(*each))
+
+
+# --------------------------------------------------------------------------- pseudo masks
+def _two_region_case(seed: int = 0):
+    """Left half red (class 1), right half blue (class 2); CAMs right in expectation, noisy."""
+    rng = np.random.default_rng(seed)
+    truth = np.ones((32, 40), np.uint8)
+    truth[:, 20:] = 2
+    colours = np.array([[0, 0, 0], [200, 40, 40], [40, 60, 200]], np.int16)
+    image = np.clip(colours[truth] + rng.integers(-3, 4, (32, 40, 3)), 0, 255).astype(np.uint8)
+    # own class 0.55 + 0.45·u, the other class u' (u, u' uniform): ~22 % of pixels flipped
+    u = rng.random((2, 32, 40))
+    cam = np.where(np.stack([truth == 1, truth == 2]), 0.55 + 0.45 * u, u)
+    return image, truth, cam.astype(np.float32)
+
+
+def test_pseudo_mask_without_refinement_is_cam_to_mask():
+    image, _, cam = _two_region_case()
+    got = pseudo_mask(image, cam[:, ::2, ::2], [1, 2], MaskSettings(bkg=0.1))
+    np.testing.assert_array_equal(got, cam_to_mask(cam[:, ::2, ::2], [1, 2], 0.1, (32, 40)))
+
+
+def test_crf_cleans_a_noisy_pseudo_mask():
+    image, truth, cam = _two_region_case()
+    plain = pseudo_mask(image, cam, [1, 2], MaskSettings(bkg=0.05))
+    crf = pseudo_mask(image, cam, [1, 2], MaskSettings(bkg=0.05, crf=CRF))
+    before, after = (plain == truth).mean(), (crf == truth).mean()
+    assert before < 0.85 and after > 0.97
+
+
+def test_par_then_crf_keeps_labels_of_the_image():
+    image, truth, cam = _two_region_case(1)
+    s = MaskSettings(bkg=0.05, par_iterations=3, par_dilations=(1, 2), crf=CRF)
+    mask = pseudo_mask(image, cam, [4, 6], s)
+    assert set(np.unique(mask)) <= {0, 4, 6}
+    assert ((mask == 4) == (truth == 1)).mean() > 0.95
+
+
+# --------------------------------------------------------------------------- the stages
+def _run_cams(case, out: Path, shard: Shard = Shard(), *extra: str) -> dict:
+    return cams_stage.run(tiny_params(*extra), case["prepared"], case["model"], out, shard)
+
+
+def test_cams_stage_stores_own_classes_and_aux(case):
+    out = case["root"] / "cams_aux.zarr"
+    _run_cams(case, out, Shard(), "cams.aux=true", "cams.store_size=24")
+    store = StoreReader(out, "cams")
+    data = PreparedDataset(case["prepared"])
+    assert store.groups == ["aux"] and store.ids() == store.ids("aux") == sorted(data.ids("train"))
+    for image_id in store.ids()[:4]:
+        final, attrs = store.read_with_attrs(image_id)
+        aux, aux_attrs = store.read_with_attrs(image_id, "aux")
+        assert attrs["labels"] == aux_attrs["labels"] == data.labels(image_id)
+        assert final.dtype == aux.dtype == np.float16
+        assert final.shape == aux.shape == (len(attrs["labels"]), 24, 24)
+        assert not np.array_equal(final, aux) or final.size == 0
+
+
+def test_two_shards_equal_one_process_cams_pseudo_segment(case):
+    root = case["root"]
+    one = {"cams": root / "c1.zarr", "pseudo": root / "p1.zarr", "segment": root / "s1.zarr"}
+    two = {"cams": root / "c2.zarr", "pseudo": root / "p2.zarr", "segment": root / "s2.zarr"}
+    sets = ("pseudo.workers=1", "segment.workers=1", "cams.scales=[1.0, 0.5]")
+    params = tiny_params(*sets)
+    _run_cams(case, one["cams"], Shard(), *sets)
+    pseudo_stage.run(params, case["prepared"], one["cams"], one["pseudo"], root / "png1p")
+    segment_stage.run(params, case["prepared"], case["model"], one["segment"], root / "png1s")
+    for i in range(2):
+        r = _run_cams(case, two["cams"], Shard(i, 2), *sets)
+        assert r["complete"] == (i == 1)
+    for i in range(2):
+        r = pseudo_stage.run(params, case["prepared"], one["cams"], two["pseudo"], root / "png2p",
+                             Shard(i, 2))
+        assert r["complete"] == (i == 1) and r["images"] == 12
+    for i in range(2):
+        segment_stage.run(params, case["prepared"], case["model"], two["segment"],
+                          root / "png2s", Shard(i, 2))
+    _assert_same_store(one["cams"], two["cams"], [None])
+    _assert_same_store(one["pseudo"], two["pseudo"], [None])
+    _assert_same_store(one["segment"], two["segment"], ["raw", "ms_crf"])
+    assert sorted(p.name for p in (root / "png2s").glob("*.png")) == \
+        sorted(p.name for p in (root / "png1s").glob("*.png"))
+
+
+def test_incomplete_shard_set_has_no_marker_and_is_refused(case):
+    out = case["root"] / "half.zarr"
+    for i in (0, 2):  # shard 1 of 3 never ran
+        assert _run_cams(case, out, Shard(i, 3))["complete"] is False
+    assert not (out / COMPLETE).exists()
+    with pytest.raises(MissingInputError, match="shard\\(s\\) 1/3 not done.*seco cams"):
+        pseudo_stage.run(tiny_params(), case["prepared"], out, case["root"] / "never.zarr",
+                         case["root"] / "never_png")
+    assert not (case["root"] / "never.zarr").exists()
+
+
+def test_pool_of_two_workers_gives_the_masks_of_one(case):
+    root = case["root"]
+    cams = root / "pool_cams.zarr"
+    _run_cams(case, cams)
+    sets = ("pseudo.par_iterations=2", "pseudo.crf.iterations=3")
+    pseudo_stage.run(tiny_params(*sets, "pseudo.workers=1"), case["prepared"], cams,
+                     root / "w1.zarr", root / "w1png")
+    r = pseudo_stage.run(tiny_params(*sets, "pseudo.workers=2"), case["prepared"], cams,
+                         root / "w2.zarr", root / "w2png")
+    assert r["workers"] == 2
+    _assert_same_store(root / "w1.zarr", root / "w2.zarr", [None])
+
+
+def test_pseudo_palette_pngs_round_trip(case):
+    root = case["root"]
+    cams = root / "png_cams.zarr"
+    _run_cams(case, cams)
+    params = tiny_params("pseudo.palette_png=true", "pseudo.workers=1")
+    r = pseudo_stage.run(params, case["prepared"], cams, root / "pp.zarr", root / "pp_png")
+    masks = _arrays(root / "pp.zarr")
+    assert r["pngs"] == len(masks) == 24
+    assert (root / "pp_png" / ".seco-output").is_file()
+    for image_id, mask in masks.items():
+        png = root / "pp_png" / f"{image_id}.png"
+        assert Image.open(png).mode == "P"
+        np.testing.assert_array_equal(load_mask(png), mask)
+
+
+def test_segment_pngs_for_a_split_without_masks(case, tmp_path):
+    data = PreparedDataset(case["prepared"])
+    ids = data.ids("val")[:3]
+    samples = [Sample(i, data.image(i), None, data.labels(i)) for i in ids]
+    write_prepared(tmp_path / "prep", source="synthetic", classes=data.classes,
+                   splits={"train": ids, "test": ids}, samples=samples, provenance={})
+    params = tiny_params("segment.split=test", "segment.workers=1")
+    r = segment_stage.run(params, tmp_path / "prep", case["model"], tmp_path / "s.zarr",
+                          tmp_path / "png")
+    assert r["images"] == 3 and r["pngs"] == 3
+    store = StoreReader(tmp_path / "s.zarr", "segment")
+    for i in ids:
+        np.testing.assert_array_equal(load_mask(tmp_path / "png" / f"{i}.png"),
+                                      store.read(i, "ms_crf"))
+        assert store.read(i, "raw").shape == data.image_size(i)
+
+
+# --------------------------------------------------------------------------- shards
+def test_shard_parsing_and_torchrun_env():
+    assert parse_shard("1/3") == Shard(1, 3)
+    assert Shard(1, 3).take(list(range(8))) == [1, 4, 7]
+    assert resolve_shard(None, {}) == Shard()
+    env = {"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}
+    assert resolve_shard(None, env) == Shard(2, 4, 0)
+    assert resolve_shard("0/2", {"RANK": "2", "WORLD_SIZE": "4"}) == Shard(0, 2)
+    for bad in ("2/2", "a/b", "1", "0/0"):
+        with pytest.raises(SecoError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_shards_fill_one_store_and_only_the_last_completes(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    w0 = open_writer(path, "cams", {"x": 1}, shard=0, num_shards=2)
+    w0.write("a", np.zeros((1, 2, 2)))
+    assert w0.finish() is False and not (path / COMPLETE).exists()
+    with pytest.raises(MissingInputError, match="incomplete: shard\\(s\\) 1/2 not done"):
+        StoreReader(path, "cams")
+    w1 = open_writer(path, "cams", {"x": 1}, shard=1, num_shards=2, wait_s=0)
+    w1.write("b", np.ones((1, 2, 2)))
+    assert w1.finish() is True
+    assert StoreReader(path, "cams").ids() == ["a", "b"]
+    # re-running shard 0 of the same run joins the store (shard 1's images stay) ...
+    w0 = open_writer(path, "cams", {"x": 1}, shard=0, num_shards=2)
+    assert not (path / COMPLETE).exists()
+    w0.write("a", np.ones((1, 2, 2)))
+    assert w0.finish() is True
+    assert StoreReader(path).ids() == ["a", "b"]
+    # ... a different run starts afresh, and its shard 1 does not join the old store
+    open_writer(path, "cams", {"x": 2}, shard=0, num_shards=2).finish()
+    assert not (path / COMPLETE).exists()
+    with pytest.raises(MissingInputError, match="1/2 not done"):
+        StoreReader(path)
+    with pytest.raises(SecoError, match="found no store of its run"):
+        open_writer(path, "cams", {"x": 3}, shard=1, num_shards=2, wait_s=0)
+
+
+def test_groups_are_declared_and_kept_apart(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "segment", {}, groups=["raw", "ms_crf"])
+    w.write("a", np.zeros((2, 2), np.uint8), group="raw")
+    w.write("a", np.ones((2, 2), np.uint8), group="ms_crf")
+    with pytest.raises(ValueError, match="no group 'other'"):
+        w.write("a", np.ones((2, 2), np.uint8), group="other")
+    w.finish()
+    r = StoreReader(tmp_path / "s.zarr")
+    assert r.ids() == [] and r.ids("raw") == r.ids("ms_crf") == ["a"]
+    assert r.read("a", "ms_crf").sum() == 4 and r.has("a", "raw") and "raw" not in r
+    with pytest.raises(MissingInputError, match="no group 'aux'"):
+        r.ids("aux")
+
+
+# --------------------------------------------------------------------------- evaluate
+def test_sweep_finds_the_known_best_threshold():
+    # one image, one class: ground truth is the right half (columns 10..19); the CAM rises
+    # 0.05 per column from 0.025, crossing 0.5 exactly between columns 9 and 10: a threshold
+    # below takes too much, above too little, 0.5 is exact.
+    gt = np.zeros((4, 20), np.uint8)
+    gt[:, 10:] = 1
+    cam = np.tile(np.arange(20) * 0.05 + 0.025, (4, 1))[None].astype(np.float32)  # (1, 4, 20)
+    sweep = BkgSweep(2, [0.2, 0.3, 0.5, 0.6, 0.7])
+    sweep.update(gt, cam, [1])
+    curve = sweep.curve(["background", "boat"])
+    best = best_threshold(curve)
+    assert best["bkg"] == 0.5 and best["miou"] == pytest.approx(1.0)
+    # at 0.2: columns 4..19 are boat → background IoU 4/10, boat IoU 10/16
+    assert curve[0]["miou"] == pytest.approx((4 / 10 + 10 / 16) / 2)
+
+
+def test_grid_has_rows_of_five_panels():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    mask = np.zeros((30, 40), np.uint8)
+    mask[5:20, 5:25] = 2
+    rows = [GridRow("a", image, mask, rng.random((1, 8, 10)), [2], mask, mask),
+            GridRow("b", image, mask, None, (), None, mask),
+            GridRow("c", image)]
+    grid = sample_grid(rows, ["background", "boat", "horse"], 64)
+    assert len(COLUMNS) == 5
+    assert grid.size == grid_size(3, 64) == (5 * 64, CAPTION + 3 * (64 + CAPTION))
+    # the ground-truth panel of row 0 shows class 2's palette colour (VOC: (0, 128, 0))
+    px = np.asarray(grid)[CAPTION + 32, 64 + 32]
+    assert tuple(px) == (0, 128, 0)
+
+
+def test_evaluate_reports_variants_aux_and_writes_the_grid(case):
+    root = case["root"]
+    sets = ("cams.aux=true", "pseudo.workers=1", "segment.workers=1", "evaluate.grid_images=2",
+            "evaluate.grid_panel=32")
+    params = tiny_params(*sets)
+    _run_cams(case, root / "e_cams.zarr", Shard(), *sets)
+    pseudo_stage.run(params, case["prepared"], root / "e_cams.zarr", root / "e_p.zarr", root / "e1")
+    segment_stage.run(params, case["prepared"], case["model"], root / "e_s.zarr", root / "e2")
+    metrics = evaluate_stage.run(params, case["prepared"], root / "e_cams.zarr",
+                                 root / "e_p.zarr", root / "e_s.zarr", root / "m.json",
+                                 root / "plots")
+    assert list(metrics) == ["cams", "cams_aux", "pseudo", "segment_raw", "segment_ms_crf",
+                             "pairs"]
+    assert metrics["cams_aux"]["best_bkg"] in params.evaluate.bkg_sweep
+    assert json.loads((root / "m.json").read_text()) == metrics
+    grid = Image.open(root / "plots" / "samples.png")
+    assert grid.size == (5 * 32, CAPTION + 4 * (32 + CAPTION))  # 2 train + 2 val ids
+    assert (root / "plots" / "cam_aux_bkg_sweep.csv").is_file()
