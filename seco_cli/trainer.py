@@ -2,8 +2,15 @@
 
 One iteration: the batch, the method's phases (student forward, online CAM, separate,
 conquer, pseudo labels; :mod:`seco_cli.method`) returning named loss terms, weighted by
-per-iteration schedule arrays and summed, the optimiser step, the teacher's EMA. Checkpoints every ``ckpt_every`` iterations hold all
-that exact resumption needs; the final model records params, seed and git revision.
+per-iteration schedule arrays and summed, the optimiser step, the teacher's EMA. Checkpoints
+every ``ckpt_every`` iterations hold all that exact resumption needs; the final model records
+params, seed and git revision.
+
+Several processes (torchrun, :mod:`seco_cli.distributed`): each rank trains on its own
+``batch_size`` images (global batch = batch_size × world size), the student (network +
+projection head) is wrapped in DDP, the teacher, reservoir and prototypes stay outside it and
+are kept identical by identical inputs; rank 0 alone writes checkpoints and logs, the logged
+values being means over the ranks. One process takes none of these paths.
 """
 
 from __future__ import annotations
@@ -17,13 +24,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
+from seco_cli import distributed
 from seco_cli.checkpoint import load_checkpoint, save_atomic
 from seco_cli.data.loader import TrainSamples, train_loader
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.errors import SecoError
 from seco_cli.method import SeCo, StepWeights
-from seco_cli.params import Params
+from seco_cli.params import Params, TrainParams
 from seco_cli.schedules import lr_multipliers, step_weights
 
 
@@ -99,17 +108,47 @@ def build_optimizer(method: SeCo, params: Params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=tp.lr, betas=tp.betas, weight_decay=tp.weight_decay)
 
 
+def check_reservoir_capacity(tp: TrainParams, sched: Schedules, world: int) -> None:
+    """The reservoir holds whole steps of every rank's keys (SPEC §5): its capacity must be a
+    multiple of batch_size × (num_patches + 2) × world size whenever L_iL uses it."""
+    per_step = tp.keys_per_step * world
+    if sched.weights["lil"].any() and tp.reservoir_capacity % per_step:
+        raise SecoError(
+            f"train.reservoir_capacity ({tp.reservoir_capacity}) must be a multiple of the keys "
+            f"enqueued per step by all ranks, batch_size × (num_patches + 2) × world size = "
+            f"{tp.batch_size} × {tp.num_patches + 2} × {world} = {per_step}",
+            "train.reservoir_capacity", f"set it to a multiple of {per_step}")
+
+
+class _Student(nn.Module):
+    """What DDP wraps: the student network and projection head as submodules; its forward is
+    the method's step. The method itself (teacher, reservoir, prototypes) is held outside the
+    module tree, so DDP neither syncs nor wraps it (SPEC §2)."""
+
+    def __init__(self, method: SeCo):
+        super().__init__()
+        self.net, self.proj = method.net, method.proj
+        self._method = (method,)  # a tuple: not registered as a submodule
+
+    def forward(self, *args: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        return self._method[0].losses(*args)
+
+
 class Trainer:
     def __init__(self, params: Params, data: PreparedDataset, device: torch.device,
                  meta: dict[str, Any]):
         self.params, self.data, self.device, self.meta = params, data, device, meta
         tp = params.train
-        torch.manual_seed(tp.seed)
+        torch.manual_seed(tp.seed)  # the same initial weights on every rank
         self.method = SeCo(params, data.num_classes).to(device)
         self.net = self.method.net
         self.optimizer = build_optimizer(self.method, params)
         self.sched = Schedules.build(tp)
         self.iteration = 0
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        check_reservoir_capacity(tp, self.sched, self.world)
+        self.losses = (self.method.losses if self.world == 1
+                       else distributed.wrap_ddp(_Student(self.method)))
         self.autocast = device.type == "cuda"  # bf16 on CUDA, float32 on CPU (SPEC §7)
         self.mean = torch.tensor(params.data.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(params.data.std, device=device).view(1, 3, 1, 1)
@@ -118,9 +157,10 @@ class Trainer:
         return (raw - self.mean) / self.std
 
     def _generator(self, it: int) -> torch.Generator:
-        """Randomness of the step's views and patches from (seed, iteration) (SPEC §3.8)."""
+        """Randomness of the step's views and patches from (seed, iteration, rank) (SPEC §3.8);
+        rank 0 draws what a single process draws, rank r is offset by r · 2⁴⁰."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(self.params.train.seed * 1_000_003 + it)
+        gen.manual_seed(self.params.train.seed * 1_000_003 + it + (self.rank << 40))
         return gen
 
     def step(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, float]:
@@ -128,13 +168,14 @@ class Trainer:
         self.method.train()
         w = self.sched.at(it)
         raw = (batch["image"] * self.std + self.mean).clamp(0, 1)  # un-normalised, for views
-        terms, stats = self.method.losses(batch, it, w, raw, self._generator(it), self._normalise,
-                                          self.autocast)
-        for name, value in terms.items():
-            if not torch.isfinite(value):
-                raise NonFiniteLoss(
-                    f"loss term '{name}' became {value.item()} at iteration {it}",
-                    "train", "lower train.lr or check the data; the last checkpoint is kept")
+        terms, stats = self.losses(batch, it, w, raw, self._generator(it), self._normalise,
+                                   self.autocast)
+        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        if distributed.any_rank(bool(bad)):  # every rank stops, none waits in backward
+            what = (f"loss term '{bad[0]}' became {terms[bad[0]].item()}" if bad
+                    else f"a loss term became non-finite on another rank than {self.rank}")
+            raise NonFiniteLoss(f"{what} at iteration {it}", "train",
+                                "lower train.lr or check the data; the last checkpoint is kept")
         total = sum(getattr(w, k) * v for k, v in terms.items())
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * float(self.sched.lr[it])
@@ -151,15 +192,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
+        """Everything exact resumption needs. Identical on every rank (weights, optimiser,
+        teacher, reservoir, prototypes; the global RNG is seeded alike), so rank 0's is saved."""
         return {
-            "method": self.method.state_dict(),
+            "method": self.method.state_dict(),  # unwrapped names: loadable without DDP
             "optimizer": self.optimizer.state_dict(),
             "iteration": self.iteration,
             "torch_rng": torch.get_rng_state(),
+            "world_size": self.world,
             "meta": self.meta,
         }
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
+        made = int(ckpt.get("world_size", 1))
+        if made != self.world:  # the data stream and the reservoir depend on it
+            raise SecoError(f"cannot resume: the checkpoint was made by {made} process(es), this "
+                            f"run has {self.world}", "train --resume",
+                            f"resume with {made} process(es), or train without --resume")
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.iteration = int(ckpt["iteration"])
@@ -173,7 +222,11 @@ class Trainer:
 def train(params: Params, data: PreparedDataset, device: torch.device, meta: dict[str, Any],
           ckpt_dir: Path, resume: bool, log: Callable[[int, dict[str, float]], None],
           progress: Callable[[int], None] | None = None) -> Trainer:
-    """Run (or resume) training to ``train.iterations``; returns the trained :class:`Trainer`."""
+    """Run (or resume) training to ``train.iterations``; returns the trained :class:`Trainer`.
+
+    Under several processes every rank calls this; ``log`` and ``progress`` are called on
+    rank 0 only, with values averaged over the ranks, and rank 0 alone writes checkpoints.
+    """
     tp = params.train
     trainer = Trainer(params, data, device, meta)
     last = ckpt_dir / "last.pt"
@@ -187,9 +240,13 @@ def train(params: Params, data: PreparedDataset, device: torch.device, meta: dic
     if not ids:
         raise SecoError(f"split '{params.data.train_split}' is empty", "data.train_split",
                         "choose a split with images")
-    samples = TrainSamples(data, ids, tp.batch_size, tp.seed, params.model.crop_size,
+    world, main = trainer.world, distributed.is_main_process()
+    # one global stream of batch_size × world samples per iteration, this rank's share of it
+    samples = TrainSamples(data, ids, tp.batch_size * world, tp.seed, params.model.crop_size,
                            tp.scale_range, params.data.mean, params.data.std,
                            with_masks=trainer.sched.gt_seg)
+    if world > 1:
+        samples = distributed.RankShard(samples, trainer.rank, world, tp.batch_size)
     loader = train_loader(samples, trainer.iteration, tp.iterations, tp.num_workers)
     sums: dict[str, float] = {}
     count, t0 = 0, time.perf_counter()
@@ -201,13 +258,16 @@ def train(params: Params, data: PreparedDataset, device: torch.device, meta: dic
             sums[k] = sums.get(k, 0.0) + v
         count += 1
         if trainer.iteration % tp.log_every == 0 or trainer.iteration == tp.iterations:
-            avg = {k: v / count for k, v in sums.items()}
-            avg["sec_per_iter"] = (time.perf_counter() - t0) / count
-            log(trainer.iteration, avg)
+            avg = distributed.mean_over_ranks({k: v / count for k, v in sums.items()})
+            avg["sec_per_iter"] = (time.perf_counter() - t0) / count  # rank 0's
+            if main:
+                log(trainer.iteration, avg)
             sums, count, t0 = {}, 0, time.perf_counter()
         if trainer.iteration % tp.ckpt_every == 0 or trainer.iteration == tp.iterations:
-            save_atomic(trainer.state(), last)
-        if progress:
+            if main:
+                save_atomic(trainer.state(), last)
+            distributed.barrier()  # no rank runs ahead of a checkpoint being written
+        if progress and main:
             progress(1)
     if not math.isfinite(sum(p.detach().float().sum().item() for p in trainer.net.parameters())):
         raise NonFiniteLoss("weights became non-finite", "train", "lower train.lr")

@@ -1,15 +1,20 @@
-"""Stage `train`: single-stage training; writes the final model and dvclive curves."""
+"""Stage `train`: single-stage training; writes the final model and dvclive curves.
+
+Launched by torchrun with several processes, every rank trains; rank 0 alone writes the
+model, the prototype heatmap, checkpoints and dvclive logs, and returns the summary.
+"""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from seco_cli import distributed
 from seco_cli.checkpoint import save_atomic
 from seco_cli.data.prepared import PreparedDataset
-from seco_cli.device import resolve_device
 from seco_cli.jsonio import write_text
 from seco_cli.params import Params
 from seco_cli.progress import Progress, Silent
@@ -19,10 +24,16 @@ from seco_cli.trainer import train
 
 def run(params: Params, prepared: Path, model_out: Path, live_dir: Path, ckpt_dir: Path,
         resume: bool = False, progress: Progress = Silent()) -> dict[str, Any]:
+    with distributed.session(params.train.device, "train.device") as device:
+        return _run(params, PreparedDataset(prepared), device, model_out, live_dir, ckpt_dir,
+                    resume, progress if distributed.is_main_process() else Silent())
+
+
+def _run(params: Params, data: PreparedDataset, device: torch.device, model_out: Path,
+         live_dir: Path, ckpt_dir: Path, resume: bool, progress: Progress) -> dict[str, Any]:
     from dvclive import Live  # imported here: it is slow to import and only train needs it
 
-    data = PreparedDataset(prepared)
-    device = resolve_device(params.train.device, "train.device")
+    main = distributed.is_main_process()
     meta = {
         "backbone": params.model.backbone,
         "num_classes": data.num_classes,
@@ -30,12 +41,15 @@ def run(params: Params, prepared: Path, model_out: Path, live_dir: Path, ckpt_di
         **provenance(params.dump(), params.train.seed),
     }
     tp = params.train
-    with Live(dir=str(live_dir), resume=resume, report=None, save_dvc_exp=False,
-              dvcyaml=None) as live:
-        live.log_params({"preset": tp.preset, "iterations": tp.iterations, "seed": tp.seed})
+    live_ctx = (Live(dir=str(live_dir), resume=resume, report=None, save_dvc_exp=False,
+                     dvcyaml=None) if main else nullcontext())
+    with live_ctx as live:
         last: dict[str, float] = {}
+        if main:
+            live.log_params({"preset": tp.preset, "iterations": tp.iterations, "seed": tp.seed,
+                             "world_size": distributed.world_size()})
 
-        def log(step: int, values: dict[str, float]) -> None:
+        def log(step: int, values: dict[str, float]) -> None:  # rank 0 only (the trainer)
             live.step = step
             for name, value in values.items():
                 live.log_metric(name, value)
@@ -50,9 +64,13 @@ def run(params: Params, prepared: Path, model_out: Path, live_dir: Path, ckpt_di
         trainer = train(params, data, device, meta, ckpt_dir, resume, log, tick)
         for _ in ticks:  # let the bar reach its end
             pass
-    save_atomic(trainer.final(), model_out)
-    write_prototype_similarity(trainer.method.prototypes.P, data.classes[1:],
-                               model_out.parent / "prototype_similarity.csv")
+    if main:
+        save_atomic(trainer.final(), model_out)
+        write_prototype_similarity(trainer.method.prototypes.P, data.classes[1:],
+                                   model_out.parent / "prototype_similarity.csv")
+    distributed.barrier()  # the stage ends on every rank once the model is written
+    if not main:
+        return {}  # the CLI prints the summary once
     return {"iterations": trainer.iteration, **last}
 
 
