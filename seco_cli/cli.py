@@ -7,6 +7,7 @@ section.key=value`` overrides and ``--debug``; its input and output paths defaul
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -17,9 +18,10 @@ import typer
 from rich.console import Console
 
 from seco_cli import __version__
-from seco_cli.errors import SecoError
+from seco_cli.errors import SecoError, write_error
 from seco_cli.params import Params, load_params
 from seco_cli.progress import RichProgress
+from seco_cli.shards import resolve_shard
 
 app = typer.Typer(
     help="SeCo (Separate and Conquer) weakly supervised semantic segmentation pipeline.",
@@ -32,20 +34,28 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Parameter file 
 SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a parameter: section.key=value (repeatable).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+ShardOpt = Annotated[str | None, typer.Option(
+    "--shard", help="i/n: process the i-th of n disjoint shares of the images into the one "
+    "store (default: torchrun's RANK/WORLD_SIZE, else 0/1).")]
 PREPARED = Path("artifacts/prepared")
 MODEL = Path("artifacts/train/model.pt")
 CAMS = Path("artifacts/cams.zarr")
 PSEUDO = Path("artifacts/pseudo.zarr")
 SEGMENT = Path("artifacts/segment.zarr")
+PSEUDO_PNG = Path("artifacts/pseudo_png")
 
 
 def _path(help_text: str) -> Any:
     return typer.Option(help=help_text)
 
 
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _execute(params_file: Path, overrides: list[str] | None, debug: bool,
              body: Callable[[Params], dict[str, Any]]) -> None:
     """Load params, run a stage body, turn user errors into one line and exit code 2."""
+    command = sys._getframe(1).f_code.co_name  # the Typer command that called us: `seco <it>`
     try:
         params = load_params(params_file, overrides or [])
         result = body(params)
@@ -57,6 +67,13 @@ def _execute(params_file: Path, overrides: list[str] | None, debug: bool,
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/]: no output of this stage is marked complete")
         raise typer.Exit(130) from None
+    except OSError as exc:  # full disk, quota, read-only or forbidden output: one line
+        if debug or exc.errno not in _WRITE_ERRNOS:
+            raise
+        err = write_error(exc, "an output file", str(exc.filename or "the output folder"),
+                          f"seco {command}", "no output of this stage is marked complete")
+        err_console.print(f"[bold red]error:[/] {err.line()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     if result:
         out_console.print_json(json.dumps(result, default=str))
 
@@ -101,7 +118,11 @@ def train(
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Train the network (single stage) on the train split."""
+    """Train the network (single stage) on the train split.
+
+    One process by default. N processes or GPUs, each on train.batch_size images:
+    torchrun --nproc_per_node N -m seco_cli.cli train
+    """
     from stages import train as stage
 
     _execute(params, set_, debug, lambda p: stage.run(
@@ -113,6 +134,7 @@ def cams(
     prepared: Annotated[Path, _path("Prepared dataset folder.")] = PREPARED,
     model: Annotated[Path, _path("Trained model file.")] = MODEL,
     out: Annotated[Path, _path("CAM store (Zarr) to write.")] = CAMS,
+    shard: ShardOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     debug: DebugOpt = False,
@@ -120,8 +142,8 @@ def cams(
     """Compute CAM seeds (scales + flip) for the train split."""
     from stages import cams as stage
 
-    _execute(params, set_, debug,
-             lambda p: stage.run(p, prepared, model, out, RichProgress(err_console)))
+    _execute(params, set_, debug, lambda p: stage.run(
+        p, prepared, model, out, resolve_shard(shard), RichProgress(err_console)))
 
 
 @app.command()
@@ -129,15 +151,17 @@ def pseudo(
     prepared: Annotated[Path, _path("Prepared dataset folder.")] = PREPARED,
     cams: Annotated[Path, _path("CAM store (Zarr).")] = CAMS,
     out: Annotated[Path, _path("Pseudo-mask store (Zarr) to write.")] = PSEUDO,
+    png_dir: Annotated[Path, _path("Folder of VOC-palette PNG masks (pseudo.palette_png).")] = PSEUDO_PNG,
+    shard: ShardOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Turn CAM seeds into pseudo masks (background threshold)."""
+    """Turn CAM seeds into pseudo masks (background score, optional PAR, dense CRF)."""
     from stages import pseudo as stage
 
-    _execute(params, set_, debug,
-             lambda p: stage.run(p, prepared, cams, out, RichProgress(err_console)))
+    _execute(params, set_, debug, lambda p: stage.run(
+        p, prepared, cams, out, png_dir, resolve_shard(shard), RichProgress(err_console)))
 
 
 @app.command()
@@ -146,15 +170,16 @@ def segment(
     model: Annotated[Path, _path("Trained model file.")] = MODEL,
     out: Annotated[Path, _path("Segmentation store (Zarr) to write.")] = SEGMENT,
     png_dir: Annotated[Path, _path("Folder of VOC-palette PNG predictions.")] = Path("artifacts/segment_png"),
+    shard: ShardOpt = None,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Segment the eval split with the trained decoder."""
+    """Segment the eval split: variants raw (scale 1) and ms_crf (scales + flip + CRF)."""
     from stages import segment as stage
 
-    _execute(params, set_, debug,
-             lambda p: stage.run(p, prepared, model, out, png_dir, RichProgress(err_console)))
+    _execute(params, set_, debug, lambda p: stage.run(
+        p, prepared, model, out, png_dir, resolve_shard(shard), RichProgress(err_console)))
 
 
 @app.command()

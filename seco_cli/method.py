@@ -17,6 +17,7 @@ from torch import nn
 
 from seco_cli.cams import fuse_cams, normalise_cams
 from seco_cli.data.views import global_view, strong_view
+from seco_cli.distributed import gather_cat
 from seco_cli.losses.classification import multilabel_loss
 from seco_cli.losses.contrast import (
     global_contrast,
@@ -139,7 +140,8 @@ class SeCo(nn.Module):
             p_gray=tp.global_p_gray, p_blur=tp.global_p_blur, p_solarize=tp.global_p_solarize,
             valid=valid))
         return {"query": query, "key": key, "tags": tags.flatten(), "second": second,
-                "global_tags": global_tags(region, labels)}
+                "global_tags": global_tags(region, labels), "boxes": boxes,
+                "too_small": too_small}
 
     def contrast_terms(self, out: NetOutput, images: torch.Tensor, raw: torch.Tensor,
                        valid: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor,
@@ -164,8 +166,11 @@ class SeCo(nn.Module):
         if w.lil > 0 and bank_keys.shape[0] > 0:
             # a rectified query becomes uncertain and leaves both contrasts (SPEC §5); the
             # statistics are logged without rectifying too (no_rectify), to calibrate β
-            rectified, rect = rectify(q.detach(), tags, bank_keys, bank_tags,
-                                      tp.rectify_proportion)
+            # Deviation (README): by default the patch is judged by its teacher key, the same
+            # embedding space as μ_t (teacher–teacher); `query` compares the student query as
+            # the paper writes, which sits systematically below μ_t and over-rectifies.
+            probe = keys.detach() if tp.rectify_view == "key" else q.detach()
+            rectified, rect = rectify(probe, tags, bank_keys, bank_tags, tp.rectify_proportion)
             if w.rectify:
                 tags = rectified
             stats["rectified_fraction"] = float(rect["rectified_fraction"])
@@ -176,15 +181,18 @@ class SeCo(nn.Module):
         if w.lil > 0:
             terms["lil"] = local_contrast(q, tags, torch.cat([keys.float(), bank_keys]),
                                           torch.cat([tags, bank_tags]), tp.tau_l)
-            self.reservoir.enqueue(keys.detach().float(), tags)  # after the loss, rectified tags
+            # after the loss, with rectified tags; every rank's keys in rank order, so every
+            # rank's reservoir stays identical (SPEC §5)
+            self.reservoir.enqueue(*gather_cat(keys.detach().float(), tags))
             stats["reservoir_fill"] = float(self.reservoir.filled) / tp.reservoir_capacity
         n_tags = v["tags"].numel()
         stats["tag_background"] = float((v["tags"] == 0).sum()) / n_tags
         stats["tag_class"] = float((v["tags"] > 0).sum()) / n_tags
         stats["tag_uncertain"] = float((v["tags"] < 0).sum()) / n_tags
         if w.proto:  # global teacher: the shared encoder's class token of the whole image
-            self.prototypes.update(q_global.detach().float(), labels, tp.proto_momentum,
-                                   tp.prototype_update, tp.tau_g)
+            # from every rank's images, the same update on each rank (SPEC §4)
+            z, z_labels = gather_cat(q_global.detach().float(), labels)  # (W·B, d), (W·B, C)
+            self.prototypes.update(z, z_labels, tp.proto_momentum, tp.prototype_update, tp.tau_g)
         return terms
 
     def losses(self, batch: dict[str, torch.Tensor], it: int, w: StepWeights, raw: torch.Tensor,

@@ -10,7 +10,7 @@ the paper's recipes live in ``recipes/``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,6 +18,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from seco_cli.errors import ParamsError
 
 Fraction = Field(ge=0.0, le=1.0)
+# Element types for lists and tuples: each element is checked and named by its position.
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+BelowOne = Annotated[float, Field(ge=0, lt=1)]
+PositiveInt = Annotated[int, Field(ge=1)]
 
 
 class _Section(BaseModel):
@@ -34,6 +40,9 @@ class DataParams(_Section):
     eval_split: str = "val"  # split segmented and evaluated
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # A bad image (missing, corrupt, truncated, empty, or with a bad mask) met by `prepare`:
+    # stop with one line naming it, or skip it and list it in the prepare metrics.
+    on_bad_image: Literal["stop", "skip"] = "stop"
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataParams:
@@ -112,13 +121,13 @@ class PrepareParams(_Section):
     seed: int = 0
     synthetic: SyntheticParams = SyntheticParams()
     # voc: list files under ImageSets/Segmentation (train_aug comes from SegmentationClassAug)
-    voc_splits: list[str] = ["train_aug", "train", "val"]
+    voc_splits: list[str] = Field(["train_aug", "train", "val"], min_length=1)
     voc_mask_dir: str = "SegmentationClassAug"
     # coco: annotation year and split names (instances_<split><year>.json)
     coco_year: Literal["2014", "2017"] = "2014"
-    coco_splits: list[str] = ["train", "val"]
+    coco_splits: list[str] = Field(["train", "val"], min_length=1)
     # yolo-seg / folder: split names (yolo: sub-folders of images/; folder: <split>.txt lists)
-    splits: list[str] = ["train", "val"]
+    splits: list[str] = Field(["train", "val"], min_length=1)
     # Fraction of a yolo-seg/folder split held out as val when no val split exists (0: none)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0)
 
@@ -134,7 +143,8 @@ class ModelParams(_Section):
     }
     pretrained: bool | str = False  # true: timm hub weights; a path: a local state dict
     aux_layer: int = -3  # ViT block whose tokens feed the auxiliary classifier
-    seg_dilations: list[int] = [1, 2, 3, 4]  # paper/VOC: 6, 12, 18, 24 at stride 16
+    # decoder dilation rates; paper/VOC: 6, 12, 18, 24 at stride 16
+    seg_dilations: list[PositiveInt] = Field([1, 2, 3, 4], min_length=1)
     crop_size: int = Field(96, ge=16)  # training crop and inference input side (SPEC §3, §8)
 
 
@@ -144,7 +154,7 @@ class TrainParams(_Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # which terms train (SPEC §6 presets); applied on top of the weights below
     preset: Literal["baseline", "toco_like", "no_lig", "no_lil", "no_rectify", "seco",
-                    "fully_supervised"] = "baseline"
+                    "fully_supervised"] = "seco"
     iterations: int = Field(1500, ge=1)
     batch_size: int = Field(8, ge=1)
     num_workers: int = Field(0, ge=0)
@@ -153,7 +163,7 @@ class TrainParams(_Section):
     lr: float = Field(6e-4, gt=0)
     head_lr_mult: float = Field(10.0, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[BelowOne, BelowOne] = (0.9, 0.999)
     warmup_iters: int = Field(100, ge=0)
     warmup_ratio: float = Field(1e-6, gt=0, le=1)
     poly_power: float = Field(0.9, ge=0)
@@ -179,7 +189,7 @@ class TrainParams(_Section):
     ptc_low: float = Field(0.25, ge=0, le=1)
     # PAR refinement of the online pseudo labels (SPEC §6); 0 iterations = off
     par_iterations: int = Field(10, ge=0)
-    par_dilations: list[int] = [1, 2, 4, 8, 12, 24]
+    par_dilations: list[PositiveInt] = Field([1, 2, 4, 8, 12, 24], min_length=1)
     # L_reg dense-CRF energy (SPEC §6), on the segmentation at half resolution
     reg_scale: float = Field(1e-7, gt=0)
     reg_sigma_rgb: float = Field(15.0, gt=0)
@@ -190,7 +200,7 @@ class TrainParams(_Section):
     num_patches: int = Field(10, ge=1)
     patch_size: int = Field(32, ge=4)  # VOC: 64 at crop 448 (4×4 tokens)
     tag_threshold: float = Field(0.2, ge=0, le=1)
-    key_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    key_jitter: tuple[NonNegative, NonNegative, NonNegative, NonNegative] = (0.4, 0.4, 0.2, 0.1)
     key_p_jitter: float = Field(0.8, ge=0, le=1)
     key_p_gray: float = Field(0.2, ge=0, le=1)
     key_p_blur: float = Field(0.5, ge=0, le=1)
@@ -201,14 +211,15 @@ class TrainParams(_Section):
     global_p_solarize: float = Field(0.2, ge=0, le=1)
     # Conquer: teacher, prototypes, reservoir, contrasts (SPEC §2, §4, §5)
     proj_hidden: int = Field(512, ge=1)  # VOC: 2048
-    teacher_momentum: float = Field(0.99, ge=0, le=1)  # VOC: 0.999 over 20k iterations
-    proto_momentum: float = Field(0.9, ge=0, le=1)
+    teacher_momentum: float = Field(0.99, gt=0, lt=1)  # VOC: 0.999 over 20k iterations
+    proto_momentum: float = Field(0.9, gt=0, lt=1)
     proto_start: int = Field(100, ge=0)  # VOC: 600
     prototype_update: Literal["adaptive", "single"] = "adaptive"
     tau_g: float = Field(0.1, gt=0)
     tau_l: float = Field(0.08, gt=0)
     reservoir_capacity: int = Field(1920, ge=1)  # VOC: 4608; a multiple of the keys per step
-    rectify_proportion: float = Field(0.8, ge=0, le=1)
+    rectify_proportion: float = Field(0.9, ge=0, le=1)
+    rectify_view: Literal["key", "query"] = "key"
     # Deviation (README): rectification waits until the contrasts have shaped the embedding.
     # A backbone trained from scratch starts with collapsed class tokens (mean similarity
     # ~0.999), where the rule marks every query abnormal. Recipes set it to contrast_start.
@@ -226,6 +237,11 @@ class TrainParams(_Section):
             raise ValueError("train.scale_range must satisfy 0 < low <= high")
         if not self.cam_scales or any(s <= 0 for s in self.cam_scales):
             raise ValueError("train.cam_scales must be a non-empty list of positive scales")
+        glo, ghi = self.global_scale
+        if not 0 < glo <= ghi <= 1:
+            raise ValueError("train.global_scale must satisfy 0 < low <= high <= 1")
+        if self.key_jitter[3] > 0.5:
+            raise ValueError(f"train.key_jitter hue ({self.key_jitter[3]}) must be <= 0.5")
         if self.ptc_low > self.ptc_high:
             raise ValueError(f"train.ptc_low ({self.ptc_low}) must be <= train.ptc_high ({self.ptc_high})")
         per_step = self.batch_size * (self.num_patches + 2)  # patches + 2 global views per image
@@ -241,26 +257,68 @@ class TrainParams(_Section):
 
 
 # --------------------------------------------------------------------------- inference
+def _check_scales(scales: list[float], key: str) -> None:
+    if not scales or any(x <= 0 for x in scales):
+        raise ValueError(f"{key} must be a non-empty list of positive scales")
+
+
 class CamsParams(_Section):
+    """CAM seeds (SPEC §3.2, §8): scale 1.0 + flip is the paper's seed protocol; its pseudo
+    masks use scales 1.0, 0.5, 0.75, 1.25, 1.5, 1.75, 2.0 + flip."""
+
     split: str | None = None  # default: data.train_split
     scales: list[float] = [1.0]
     flip: bool = True
+    aux: bool = False  # also store the auxiliary CAMs (group `aux` of the store)
     store_size: int = Field(0, ge=0)  # longest stored side in pixels; 0 = original size
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
 
+    @model_validator(mode="after")
+    def _check(self) -> CamsParams:
+        _check_scales(self.scales, "cams.scales")
+        return self
+
+
+class CrfParams(_Section):
+    """Dense CRF of inference (SPEC §8, upstream values); 0 iterations = off."""
+
+    iterations: int = Field(10, ge=0)
+    gauss_sxy: float = Field(1.0, gt=0)
+    gauss_compat: float = Field(1.0, ge=0)
+    bilateral_sxy: float = Field(121.0, gt=0)
+    bilateral_srgb: float = Field(5.0, gt=0)
+    bilateral_compat: float = Field(4.0, ge=0)
+
 
 class PseudoParams(_Section):
-    bkg: float = Field(0.45, ge=0, le=1)  # constant background score (SPEC §8)
+    """Pseudo masks from the stored CAMs (SPEC §8)."""
+
+    bkg: float = Field(0.45, ge=0, le=1)  # constant background score
+    par_iterations: int = Field(0, ge=0)  # PAR before the CRF (SPEC §6); 0 = off
+    par_dilations: list[int] = [1, 2, 4, 8, 12, 24]
+    crf: CrfParams = CrfParams()
+    workers: int = Field(0, ge=0)  # processes for PAR + CRF; 0 = all cores
+    palette_png: bool = False  # also write VOC-palette PNGs (for training another network)
 
 
 class SegmentParams(_Section):
+    """Segmentation (SPEC §8): variant `raw` is scale 1, no flip, no CRF; variant `ms_crf`
+    these scales (logits summed over the flip pair, max over scales) then the CRF."""
+
     split: str | None = None  # default: data.eval_split
-    scales: list[float] = [1.0]
-    flip: bool = False
+    scales: list[float] = [1.0, 1.25, 1.5]
+    flip: bool = True
+    crf: CrfParams = CrfParams()
+    workers: int = Field(0, ge=0)  # processes for the CRF; 0 = all cores
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
-    palette_png: bool = True
+    palette_png: bool = True  # VOC-palette PNGs of the ms_crf variant
+
+    @model_validator(mode="after")
+    def _check(self) -> SegmentParams:
+        _check_scales(self.scales, "segment.scales")
+        return self
 
 
 class PairSpec(_Section):
@@ -270,7 +328,8 @@ class PairSpec(_Section):
 
 class EvaluateParams(_Section):
     cam_bkg: float = Field(0.45, ge=0, le=1)  # background score for the reported CAM seeds
-    bkg_sweep: list[float] = [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6]
+    bkg_sweep: list[UnitFloat] = Field([0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6],
+                                       min_length=1)
     pairs: list[PairSpec] = [
         PairSpec(victim="boat", partner="background"),
         PairSpec(victim="train", partner="background"),
@@ -278,6 +337,8 @@ class EvaluateParams(_Section):
         PairSpec(victim="person", partner="horse"),
     ]
     top_pairs: int = Field(5, ge=0)  # pairs taken from co-occurrence counts when none given
+    grid_images: int = Field(4, ge=0)  # picture grid: first n ids (sorted) of each split; 0 = none
+    grid_panel: int = Field(128, ge=16)  # side of one grid panel in pixels
 
 
 class Params(_Section):

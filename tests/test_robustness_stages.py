@@ -266,3 +266,22 @@ def test_split_missing_from_the_prepared_dataset(tmp_path: Path, prepared: Path)
     _one_line(_cams(prepared, model, tmp_path, "cams.split=nosuch"),
               "split 'nosuch' is not in the prepared dataset", "use one of: train, val")
     assert not (tmp_path / "cams.zarr").exists()
+
+
+def test_full_disk_while_a_stage_writes_its_store_is_one_line(
+        tmp_path: Path, prepared: Path, monkeypatch: pytest.MonkeyPatch):
+    import seco_cli.store as store_mod
+    from stages import train as train_stage
+
+    p = tiny_params("train.iterations=2")
+    model = tmp_path / "model.pt"
+    train_stage.run(p, prepared, model, tmp_path / "live", tmp_path / "ckpt")
+
+    def full(self, image_id, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cams.zarr"))
+
+    monkeypatch.setattr(store_mod.StoreWriter, "write", full)
+    line = _one_line(_cams(prepared, model, tmp_path), "No space left on device",
+                     "free disk space", "`seco cams`")
+    assert "no output of this stage is marked complete" in line
+    assert not (tmp_path / "cams.zarr" / "COMPLETE").exists()

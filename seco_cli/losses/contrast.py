@@ -77,7 +77,7 @@ def rectify(
     ``eligible``, ``rectified``,
     ``abnormal_fraction`` (mean abnormal-pair fraction over eligible queries, for
     calibrating β), ``mu`` (T,) μ per tag (NaN where undefined), ``mu_mean`` (mean of the
-    defined μ).
+    defined μ), ``frac`` (N,) each query's abnormal-pair fraction (NaN where not eligible).
     """
     num_tags = 1 + int(torch.cat([tags, bank_tags, tags.new_zeros(1)]).max())  # T ≥ 1
     mu = _tag_mean_similarity(bank_keys, bank_tags, num_tags)  # (T,)
@@ -97,6 +97,7 @@ def rectify(
         "abnormal_fraction": (frac * eligible).sum() / n_elig.clamp_min(1).float(),
         "mu": mu,
         "mu_mean": mu.nanmean() if bool((~torch.isnan(mu)).any()) else mu.new_zeros(()),
+        "frac": frac.masked_fill(~eligible, float("nan")),
     }
     return new_tags, stats
 

@@ -1,0 +1,99 @@
+"""Train step time, SeCo ÷ baseline, same backbone, batch and data (issue 5 goal ≤ 1.5).
+
+Both trainers step at an iteration where every term of their preset is on (after
+``seg_start``, ``contrast_start``, ``rectify_start``, ``proto_start``, ``cam2mask``); the
+reservoir is filled by warm-up steps first. Steps alternate between the two presets so
+machine noise hits both alike; the median of the timed steps is reported.
+
+    python bench/train_step.py                       # embedded default profile
+    python bench/train_step.py --params recipes/voc.yaml --set data.source=synthetic ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from seco_cli.data.loader import TrainSamples, train_loader
+from seco_cli.data.prepared import PreparedDataset
+from seco_cli.device import resolve_device
+from seco_cli.params import load_params
+from seco_cli.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def all_on_iteration(tp) -> int:
+    starts = [tp.seg_start, tp.contrast_start, tp.rectify_start, tp.proto_start, tp.cam2mask,
+              tp.ptc_start, tp.warmup_iters]
+    return min(max(starts) + 1, tp.iterations - 1)
+
+
+def measure(params_file: Path, overrides: list[str], presets: list[str], warmup: int,
+            steps: int, prepared: Path | None = None) -> dict[str, dict[str, float]]:
+    base = load_params(params_file, overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        if prepared is None:
+            from stages import prepare
+
+            prepared = Path(tmp) / "prepared"
+            prepare.run(base, prepared, Path(tmp) / "prepare.json")
+        data = PreparedDataset(prepared)
+        device = resolve_device(base.train.device, "train.device")
+        trainers, batches = {}, []
+        for preset in presets:
+            p = load_params(params_file, [*overrides, f"train.preset={preset}"])
+            trainers[preset] = Trainer(p, data, device, {"params": p.dump()})
+        tp = base.train
+        samples = TrainSamples(data, data.ids(base.data.train_split), tp.batch_size, tp.seed,
+                               base.model.crop_size, tp.scale_range, base.data.mean,
+                               base.data.std)
+        for batch in train_loader(samples, 0, warmup + steps, 0):
+            batches.append(batch)
+        it = all_on_iteration(tp)
+        times: dict[str, list[float]] = {k: [] for k in presets}
+        for i, batch in enumerate(batches):
+            for preset, trainer in trainers.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                trainer.step(batch, it)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times[preset].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "steps": len(v)}
+            for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--presets", default="baseline,seco")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--prepared", type=Path, help="a prepared dataset (default: prepare one)")
+    ap.add_argument("--json", type=Path, help="also write the result here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = args.presets.split(",")
+    res = measure(args.params, args.overrides, presets, args.warmup, args.steps, args.prepared)
+    ref = res[presets[0]]["median_s"]
+    print(f"{'preset':<18}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}")
+    for name, r in res.items():
+        print(f"{name:<18}{r['median_s']:>16.4f}{r['median_s'] / ref:>14.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
