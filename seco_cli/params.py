@@ -296,7 +296,7 @@ class PseudoParams(_Section):
 
     bkg: float = Field(0.45, ge=0, le=1)  # constant background score
     par_iterations: int = Field(0, ge=0)  # PAR before the CRF (SPEC §6); 0 = off
-    par_dilations: list[int] = [1, 2, 4, 8, 12, 24]
+    par_dilations: list[PositiveInt] = Field([1, 2, 4, 8, 12, 24], min_length=1)
     crf: CrfParams = CrfParams()
     workers: int = Field(0, ge=0)  # processes for PAR + CRF; 0 = all cores
     palette_png: bool = False  # also write VOC-palette PNGs (for training another network)

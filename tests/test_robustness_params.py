@@ -88,6 +88,7 @@ BAD = {
     "cam_scales_zero": ("train.cam_scales=[0]", "train.cam_scales must be a non-empty list"),
     "splits_empty": ("prepare.voc_splits=[]", "'prepare.voc_splits' = []"),
     "dilation_zero": ("model.seg_dilations=[0, 2]", "'model.seg_dilations.0' = 0"),
+    "pseudo_par_dilation_zero": ("pseudo.par_dilations=[1, 0]", "'pseudo.par_dilations.1' = 0"),
     "hue": ("train.key_jitter=[0.4, 0.4, 0.2, 0.9]", "train.key_jitter hue (0.9) must be <= 0.5"),
     "root_missing": ("data.source=folder", "data.root is required when data.source is 'folder'"),
     "class_unknown": ("prepare.synthetic.objects=[{a: horse, b: zebra}]", "bad pair 'horse'/'zebra'"),

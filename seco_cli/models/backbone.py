@@ -11,6 +11,7 @@ It returns ``(final token map, auxiliary token map, global embedding)``:
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,13 @@ def _load_local(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a user data error
-        raise SecoError(f"cannot read weights '{file}' ({exc})", "model.pretrained",
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found:  # the pickle names a Python callable: never imported, never run
+            raise SecoError(f"weights '{file}' refer to the Python object '{found.group(1)}' and "
+                            "were refused (weights are read weights-only)", "model.pretrained",
+                            "give a plain state dict saved with torch.save") from exc
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise SecoError(f"cannot read weights '{file}' ({reason})", "model.pretrained",
                         "give a torch state dict saved with torch.save") from exc
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     missing, unexpected = model.load_state_dict(state, strict=False)
