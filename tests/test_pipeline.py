@@ -23,8 +23,8 @@ def _invoke(*args: str) -> None:
     assert result.exit_code == 0, result.output
 
 
-def test_six_stages_end_to_end(tmp_path: Path):
-    a = tmp_path / "artifacts"
+def _pipeline(a: Path) -> dict:
+    """The six stages into ``a``; returns evaluate.json."""
     _invoke("prepare", "--out", str(a / "prepared"), "--metrics", str(a / "m/prepare.json"))
     _invoke("train", "--prepared", str(a / "prepared"), "--model", str(a / "train/model.pt"),
             "--live", str(a / "train/live"), "--checkpoints", str(a / "ckpt"))
@@ -37,6 +37,21 @@ def test_six_stages_end_to_end(tmp_path: Path):
     _invoke("evaluate", "--prepared", str(a / "prepared"), "--cams", str(a / "cams.zarr"),
             "--pseudo", str(a / "pseudo.zarr"), "--segment", str(a / "segment.zarr"),
             "--metrics", str(a / "m/evaluate.json"), "--plots", str(a / "plots"))
+    return json.loads((a / "m/evaluate.json").read_text())
+
+
+def test_same_seed_twice_gives_identical_metrics_and_weights(tmp_path: Path):
+    """Determinism on CPU (same seed, same thread count): every metric and weight is equal."""
+    first, second = _pipeline(tmp_path / "one"), _pipeline(tmp_path / "two")
+    assert first == second
+    a = torch.load(tmp_path / "one/train/model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two/train/model.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_six_stages_end_to_end(tmp_path: Path):
+    a = tmp_path / "artifacts"
+    _pipeline(a)
 
     data = PreparedDataset(a / "prepared")
     assert len(data.ids("train")) == 24 and len(data.ids("val")) == 8
