@@ -12,42 +12,58 @@ Prints, for a prepared dataset and a trained model:
 
     OMP_NUM_THREADS=1 python bench/inference_speed.py --prepared artifacts/prepared \\
         --model artifacts/train/model.pt --out /tmp/bench
+
+The measuring functions are imported by ``bench/speed.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from seco_cli.cams import rescale
-from seco_cli.data.prepared import PreparedDataset
-from seco_cli.inference import batches, cam_fn, load_model
-from seco_cli.params import load_params
-from seco_cli.shards import Shard
-from stages import cams as cams_stage
-from stages import pseudo as pseudo_stage
-from stages import segment as segment_stage
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+from seco_cli.cams import rescale  # noqa: E402
+from seco_cli.data.prepared import PreparedDataset  # noqa: E402
+from seco_cli.device import resolve_device  # noqa: E402
+from seco_cli.inference import batches, cam_fn, load_model  # noqa: E402
+from seco_cli.params import Params, load_params  # noqa: E402
+from seco_cli.shards import Shard  # noqa: E402
+from stages import cams as cams_stage  # noqa: E402
+from stages import pseudo as pseudo_stage  # noqa: E402
+from stages import segment as segment_stage  # noqa: E402
 
 
-def _timed(fn) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device = torch.device("cpu")) -> float:
+    _sync(device)
     start = time.perf_counter()
     fn()
+    _sync(device)
     return time.perf_counter() - start
 
 
 @torch.no_grad()
 def bare_forward(net, loaded: list[torch.Tensor], scales: list[float], flip: bool,
-                 head) -> float:
-    """Seconds for the network's forward passes alone (backbone + ``head``) over the batches."""
-    def run():
-        for images in loaded:
+                 head, device: torch.device = torch.device("cpu")) -> float:
+    """Seconds for the network's forward passes alone (backbone + ``head``) over the batches
+    (already on ``device``), after one untimed warm-up pass."""
+    def run(batches_):
+        for images in batches_:
             for s in scales:
                 x = rescale(images, s, net.backbone.stride)
                 head(torch.cat([x, x.flip(-1)]) if flip else x)
-    return _timed(run)
+    run(loaded[:1])  # warm-up: allocator, kernels, thread pool
+    return _timed(lambda: run(loaded), device)
 
 
 def store_bytes(path: Path, group: str | None = None) -> tuple[int, int]:
@@ -56,6 +72,93 @@ def store_bytes(path: Path, group: str | None = None) -> tuple[int, int]:
     dirs = [p for p in root.iterdir() if (p / "zarr.json").is_file() and p.name != "aux"]
     total = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
     return total, len(dirs)
+
+
+def _preload(data: PreparedDataset, ids: list[str], size: int, params: Params,
+             device: torch.device) -> list[torch.Tensor]:
+    mean, std, crop = params.data.mean, params.data.std, params.model.crop_size
+    return [b.to(device) for _, b, _ in batches(data, ids, size, crop, mean, std)]
+
+
+def _ratio(n: int, stage_s: float, bare_s: float) -> dict[str, Any]:
+    return {"images": n, "stage_s": stage_s, "bare_s": bare_s, "stage_ips": n / stage_s,
+            "bare_ips": n / bare_s, "ratio": bare_s / stage_s}
+
+
+def measure_cams(params: Params, prepared: Path, model: Path, out: Path) -> dict[str, Any]:
+    """cams stage vs bare forward at ``cams.scales`` + flip: images/s of both and their ratio.
+    Writes the CAM store to ``out`` (kept: the pseudo and byte measurements read it)."""
+    cp, data = params.cams, PreparedDataset(prepared)
+    device = resolve_device(cp.device, "cams.device")
+    net, _ = load_model(model, params, data.num_classes, device)
+    ids = data.ids(cp.split or params.data.train_split)
+    loaded = _preload(data, ids, cp.batch_size, params, device)
+    bare = bare_forward(net, loaded, cp.scales, cp.flip, cam_fn(net, cp.aux), device)
+    stage = _timed(lambda: cams_stage.run(params, prepared, model, out, Shard()), device)
+    return {**_ratio(len(ids), stage, bare), "scales": cp.scales, "flip": cp.flip,
+            "device": str(device)}
+
+
+def measure_segment(params: Params, prepared: Path, model: Path, out: Path,
+                    workers: int) -> dict[str, Any]:
+    """segment stage (raw + ms_crf, CRF over ``workers`` processes, PNGs) vs bare forward
+    (backbone + decoder) at ``segment.scales`` + flip."""
+    sp, data = params.segment, PreparedDataset(prepared)
+    device = resolve_device(sp.device, "segment.device")
+    net, _ = load_model(model, params, data.num_classes, device)
+    ids = data.ids(sp.split or params.data.eval_split)
+    loaded = _preload(data, ids, sp.batch_size, params, device)
+    bare = bare_forward(net, loaded, sp.scales, sp.flip,
+                        lambda x: net.decoder(net.backbone(x)[0]), device)
+    p = params.model_copy(deep=True)
+    p.segment.workers = workers
+    stage = _timed(lambda: segment_stage.run(p, prepared, model, out / "seg.zarr",
+                                             out / "seg_png"), device)
+    return {**_ratio(len(ids), stage, bare), "scales": sp.scales, "flip": sp.flip,
+            "crf_iterations": sp.crf.iterations, "workers": workers, "device": str(device)}
+
+
+def measure_pseudo(params: Params, prepared: Path, cams: Path, out: Path,
+                   workers: int) -> dict[str, Any]:
+    """Seconds of the pseudo stage (PAR/CRF as in the params) with ``workers`` processes."""
+    p = params.model_copy(deep=True)
+    p.pseudo.workers = workers
+    res: dict[str, Any] = {}
+    seconds = _timed(lambda: res.update(pseudo_stage.run(p, prepared, cams, out / "pseudo.zarr",
+                                                         out / "pseudo_png")))
+    return {"images": res["images"], "workers": workers, "seconds": seconds,
+            "par_iterations": p.pseudo.par_iterations, "crf_iterations": p.pseudo.crf.iterations}
+
+
+def _load_worker_code(_: int) -> int:
+    import seco_cli.postprocess  # noqa: F401 - what a CRF job imports first
+
+    return 0
+
+
+def pool_startup(workers: int) -> float:
+    """Seconds to start a pool of ``workers`` processes (spawn, torch and the CRF code
+    imported) and get one trivial result from each: the fixed cost in a pool's stage time."""
+    from seco_cli.pool import imap
+
+    return _timed(lambda: list(imap(_load_worker_code, range(workers), workers)))
+
+
+def cam_bytes(prepared: Path, cams: Path) -> dict[str, Any]:
+    """CAM bytes per image as stored (the store's per-image arrays on disk, metadata
+    included) against float32 full-resolution maps of every foreground class (``ratio``;
+    the reference with a background map too is ``full_with_background_per_image``)."""
+    data = PreparedDataset(prepared)
+    stored, n = store_bytes(cams)
+    ids = [p.name for p in cams.iterdir() if (p / "zarr.json").is_file() and p.name != "aux"]
+    own = sum(len(data.labels(i)) for i in ids)
+    pixels = sum(h * w for h, w in map(data.image_size, ids))
+    full = 4 * data.num_classes * pixels  # one float32 map per foreground class (a CAM)
+    return {"images": n, "classes": data.num_classes, "stored_per_image": stored / n,
+            "full_per_image": full / n, "ratio": stored / full,
+            "full_with_background_per_image": 4 * (data.num_classes + 1) * pixels / n,
+            "own_classes_per_image": own / n,
+            "stored_per_class_map": stored / own if own else None}
 
 
 def main() -> None:
@@ -68,60 +171,35 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="pool size compared with 1 worker")
     args = ap.parse_args()
     params = load_params(args.params, args.set)
-    data = PreparedDataset(args.prepared)
-    net, _ = load_model(args.model, params, data.num_classes, torch.device("cpu"))
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    mean, std, crop = params.data.mean, params.data.std, params.model.crop_size
     print(f"torch threads {torch.get_num_threads()}")
 
-    # --- cams: stage vs bare forward at cams.scales + flip
-    cp = params.cams
-    ids = data.ids(cp.split or params.data.train_split)
-    loaded = [b for _, b, _ in batches(data, ids, cp.batch_size, crop, mean, std)]
-    bare = bare_forward(net, loaded, cp.scales, cp.flip, cam_fn(net, cp.aux))
-    stage = _timed(lambda: cams_stage.run(params, args.prepared, args.model, out / "cams.zarr",
-                                          Shard()))
-    print(f"cams     {len(ids)} images  scales {cp.scales} flip {cp.flip}: stage "
-          f"{len(ids) / stage:7.1f} img/s, bare forward {len(ids) / bare:7.1f} img/s, "
-          f"stage/bare {bare / stage:.2f}")
-
-    # --- segment: stage (both variants, CRF, PNGs) vs bare forward at segment.scales + flip
-    sp = params.segment
-    seg_ids = data.ids(sp.split or params.data.eval_split)
-    loaded = [b for _, b, _ in batches(data, seg_ids, sp.batch_size, crop, mean, std)]
-    bare = bare_forward(net, loaded, sp.scales, sp.flip,
-                        lambda x: net.decoder(net.backbone(x)[0]))
+    c = measure_cams(params, args.prepared, args.model, out / "cams.zarr")
+    print(f"cams     {c['images']} images  scales {c['scales']} flip {c['flip']}: stage "
+          f"{c['stage_ips']:7.1f} img/s, bare forward {c['bare_ips']:7.1f} img/s, "
+          f"stage/bare {c['ratio']:.2f}")
     for workers in sorted({1, args.workers}):
-        p = params.model_copy(deep=True)
-        p.segment.workers = workers
-        stage = _timed(lambda p=p: segment_stage.run(p, args.prepared, args.model,
-                                                     out / "seg.zarr", out / "seg_png"))
-        print(f"segment  {len(seg_ids)} images  scales {sp.scales} flip {sp.flip} "
-              f"CRF {sp.crf.iterations} it, {workers} worker(s): stage "
-              f"{len(seg_ids) / stage:7.1f} img/s, bare forward {len(seg_ids) / bare:7.1f} img/s,"
-              f" stage/bare {bare / stage:.2f}")
-
-    # --- pseudo: pool of 1 vs args.workers
+        s = measure_segment(params, args.prepared, args.model, out, workers)
+        print(f"segment  {s['images']} images  scales {s['scales']} flip {s['flip']} "
+              f"CRF {s['crf_iterations']} it, {workers} worker(s): stage "
+              f"{s['stage_ips']:7.1f} img/s, bare forward {s['bare_ips']:7.1f} img/s,"
+              f" stage/bare {s['ratio']:.2f}")
     times = {}
     for workers in sorted({1, args.workers}):
-        p = params.model_copy(deep=True)
-        p.pseudo.workers = workers
-        times[workers] = _timed(lambda p=p: pseudo_stage.run(
-            p, args.prepared, out / "cams.zarr", out / "pseudo.zarr", out / "pseudo_png"))
-        print(f"pseudo   {len(ids)} images  PAR {p.pseudo.par_iterations} it, CRF "
-              f"{p.pseudo.crf.iterations} it, {workers} worker(s): {times[workers]:6.1f} s "
-              f"({len(ids) / times[workers]:.1f} img/s)")
+        r = measure_pseudo(params, args.prepared, out / "cams.zarr", out, workers)
+        times[workers] = r["seconds"]
+        print(f"pseudo   {r['images']} images  PAR {r['par_iterations']} it, CRF "
+              f"{r['crf_iterations']} it, {workers} worker(s): {r['seconds']:6.1f} s "
+              f"({r['images'] / r['seconds']:.1f} img/s)")
     if args.workers != 1:
-        speedup = times[1] / times[args.workers]
-        print(f"pseudo   speed-up {args.workers} workers vs 1: {speedup:.2f}×")
-
-    # --- CAM storage
-    stored, n = store_bytes(out / "cams.zarr")
-    full = sum(4 * data.num_classes * h * w for h, w in map(data.image_size, ids))
-    print(f"CAM bytes/image: stored {stored / n:,.0f} (float16, own classes, compressed, "
-          f"store_size {cp.store_size}) vs float32 all {data.num_classes} classes at full "
-          f"resolution {full / len(ids):,.0f}: {full / stored:.1f}× smaller")
+        print(f"pseudo   speed-up {args.workers} workers vs 1: "
+              f"{times[1] / times[args.workers]:.2f}×")
+    b = cam_bytes(args.prepared, out / "cams.zarr")
+    print(f"CAM bytes/image: stored {b['stored_per_image']:,.0f} (float16, own classes, "
+          f"compressed, store_size {params.cams.store_size}) vs float32 all {b['classes']} "
+          f"classes at full resolution {b['full_per_image']:,.0f}: "
+          f"{1 / b['ratio']:.1f}× smaller")
 
 
 if __name__ == "__main__":

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from seco_cli.checkpoint import load_checkpoint
-from seco_cli.data.loader import TrainSamples, train_loader
-from seco_cli.data.prepared import PreparedDataset
-from seco_cli.losses.contrast import rectify
-from seco_cli.params import load_params
-from seco_cli.tags import patch_tags, region_map
-from seco_cli.trainer import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+from seco_cli.checkpoint import load_checkpoint  # noqa: E402
+from seco_cli.data.loader import TrainSamples, train_loader  # noqa: E402
+from seco_cli.data.prepared import PreparedDataset  # noqa: E402
+from seco_cli.losses.contrast import rectify  # noqa: E402
+from seco_cli.params import load_params  # noqa: E402
+from seco_cli.tags import patch_tags, region_map  # noqa: E402
+from seco_cli.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)

@@ -14,17 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from seco_cli.data.loader import TrainSamples, train_loader
-from seco_cli.data.prepared import PreparedDataset
-from seco_cli.device import resolve_device
-from seco_cli.params import load_params
-from seco_cli.trainer import Trainer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+from seco_cli.data.loader import TrainSamples, train_loader  # noqa: E402
+from seco_cli.data.prepared import PreparedDataset  # noqa: E402
+from seco_cli.device import resolve_device  # noqa: E402
+from seco_cli.params import load_params  # noqa: E402
+from seco_cli.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,7 +56,8 @@ def measure(params_file: Path, overrides: list[str], presets: list[str], warmup:
         tp = base.train
         samples = TrainSamples(data, data.ids(base.data.train_split), tp.batch_size, tp.seed,
                                base.model.crop_size, tp.scale_range, base.data.mean,
-                               base.data.std)
+                               base.data.std,  # fully_supervised trains on the masks
+                               with_masks=any(t.sched.gt_seg for t in trainers.values()))
         for batch in train_loader(samples, 0, warmup + steps, 0):
             batches.append(batch)
         it = all_on_iteration(tp)

@@ -88,7 +88,7 @@ class SeCo(nn.Module):
         was = self.net.training
         self.net.eval()
         cam = fuse_cams(lambda x: self.net.cams(x, aux=aux), images, self.params.train.cam_scales,
-                        True, images.shape[-2:])
+                        True, images.shape[-2:], multiple=self.net.backbone.stride)
         self.net.train(was)
         return normalise_cams(cam, labels)
 

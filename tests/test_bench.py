@@ -35,3 +35,211 @@ def test_report_precision_and_recall_of_firing():
     assert b["fire_rate"] == pytest.approx(0.5)
     assert b["precision"] == pytest.approx(0.5)
     assert b["recall"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- quality / speed
+import benchlib  # noqa: E402
+import quality  # noqa: E402
+import quality_report as qr  # noqa: E402
+
+
+def _run(preset: str, seed: int, seg: float, ctx_fp: float = 1.0, obj_fp: float = 0.5,
+         cams: float = 0.5) -> dict:
+    """A stored run as bench/quality.py records it (evaluate.json under ``metrics``)."""
+    head = {"precision": 0.6, "recall": 0.5, "fp_tp": 0.4}
+    pair = {"cams": {"iou": 0.2, "fp_tp": ctx_fp, "fp_share_on_partner": 0.9},
+            "segment_ms_crf": {"iou": 0.3, "fp_tp": 2 * ctx_fp, "fp_share_on_partner": 0.8}}
+    obj = {"cams": {"iou": 0.6, "fp_tp": obj_fp, "fp_share_on_partner": None},
+           "segment_ms_crf": {"iou": 0.7, "fp_tp": None, "fp_share_on_partner": None}}
+    metrics = {"cams": {"miou": cams, "best_miou": cams + 0.01, **head},
+               "pseudo": {"miou": cams + 0.02, **head}, "segment_raw": {"miou": seg - 0.01, **head},
+               "segment_ms_crf": {"miou": seg, **head},
+               "pairs": {"boat/background": pair, "horse/person": obj}}
+    return {"preset": preset, "seed": seed, "metrics": metrics}
+
+
+def test_mean_spread_skips_missing_values_and_uses_sample_std():
+    assert qr.mean_spread([0.5, None, float("nan"), 0.7]) == pytest.approx((0.6, 0.1414213, 2))
+    assert qr.mean_spread([0.42]) == (0.42, None, 1)
+    assert qr.mean_spread([None]) == (None, None, 0)
+    assert qr.fmt((0.572, 0.013, 3)) == "57.2 ± 1.3"
+    assert qr.fmt((0.572, None, 1)) == "57.2"
+    assert qr.fmt((1.234, 0.5, 2), 1.0, 2) == "1.23 ± 0.50"
+    assert qr.fmt((None, None, 0)) is None
+
+
+def test_aggregate_groups_seeds_and_averages_pairs():
+    runs = [_run("baseline", 0, 0.40, ctx_fp=2.0), _run("baseline", 1, 0.44, ctx_fp=4.0),
+            _run("seco", 0, 0.50, ctx_fp=1.0)]
+    agg = qr.aggregate(runs)
+    assert set(agg) == {"baseline", "seco"}
+    mean, spread, n = agg["baseline"]["segment_ms_crf.miou"]
+    assert (mean, n) == (pytest.approx(0.42), 2) and spread == pytest.approx(0.0282843, rel=1e-4)
+    assert agg["baseline"]["context_fp_tp.cams"][0] == pytest.approx(3.0)  # boat/background only
+    # coupled = both pairs; the horse/person seg FP/TP is None and is skipped
+    assert agg["seco"]["coupled_fp_tp.cams"][0] == pytest.approx(0.75)
+    assert agg["seco"]["coupled_fp_tp.segment_ms_crf"][0] == pytest.approx(2.0)
+    assert qr.context_pairs(qr.pair_names(runs)) == ["boat/background"]
+
+
+def _goals(runs: list[dict]) -> dict[str, str]:
+    agg = qr.aggregate(runs)
+    return {g["goal"]: g["status"] for g in qr.goal_checks(agg, qr.pair_names(runs))}
+
+
+def test_goal_checks_met():
+    runs = [_run("baseline", 0, 0.40, ctx_fp=10.0), _run("seco", 0, 0.50, ctx_fp=5.0),
+            _run("fully_supervised", 0, 0.54), _run("no_lig", 0, 0.45),
+            _run("no_lil", 0, 0.46), _run("no_rectify", 0, 0.49)]
+    status = _goals(runs)
+    assert len(status) == 7 and set(status.values()) == {"met"}, status
+
+
+def test_goal_checks_not_met_and_not_measured():
+    runs = [_run("baseline", 0, 0.48, ctx_fp=10.0), _run("seco", 0, 0.50, ctx_fp=7.0),
+            _run("no_lig", 0, 0.50)]
+    status = list(_goals(runs).values())
+    # FP/TP 7 > 0.6 × 10 (cams and seg); +2 points < +5; no fully supervised run;
+    # no_lig equal to SeCo is not below it; no_lil and no_rectify were not run
+    assert status == ["not met", "not met", "not met", "not measured", "not met",
+                      "not measured", "not measured"]
+
+
+def test_quality_markdown_has_every_table_and_preset_in_order():
+    runs = [_run("seco", 0, 0.5), _run("baseline", 0, 0.4), _run("baseline", 1, 0.42)]
+    text = qr.render(runs, "# header\n")
+    assert text.startswith("# header\n")
+    for title in ("## mIoU", "## Precision", "## Co-occurring pairs, CAM seeds",
+                  "## Co-occurring pairs, seg MS+CRF", "## Goals"):
+        assert title in text
+    table = text.split("## mIoU")[1].split("##")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert lines[1].startswith("| baseline | 2 | 50.0 ± 0.0 |")  # presets in paper order
+    assert lines[2].startswith("| seco | 1 | 50.0 | 51.0 | 52.0 | 49.0 | 50.0 |")
+    assert "| boat/background IoU / FP-TP |" in text and "20.0 / 1.00" in text
+    assert qr.render([], "# h\n").endswith("No finished run yet.\n")
+
+
+def test_md_table_and_goal_status():
+    assert benchlib.md_table(["a", "b"], [[1, None], ["x|y", "z"]]) == (
+        "| a | b |\n|---|---|\n| 1 | — |\n| x\\|y | z |\n")
+    assert benchlib.goal_status(1.4, "<=", 1.5) == "met"
+    assert benchlib.goal_status(1.6, "<=", 1.5) == "not met"
+    assert benchlib.goal_status(0.8, ">=", 0.8) == "met"
+    assert benchlib.goal_status(0.5, "<", 0.5) == "not met"
+    assert benchlib.goal_status(None, ">=", 0.8) == "not measured"
+    assert benchlib.goal_status(float("nan"), ">=", 0.8) == "not measured"
+
+
+def _spec(preset: str, seed: int, h: str = "abc123def456") -> quality.RunSpec:
+    return quality.RunSpec("synthetic", "bench", preset, seed, (f"train.preset={preset}",), h)
+
+
+def test_remaining_skips_stored_runs_by_dataset_preset_seed_and_params_hash():
+    specs = [_spec("baseline", 0), _spec("seco", 0), _spec("baseline", 1)]
+    stored = {"runs": {specs[0].key: {}, _spec("seco", 0, "000000000000").key: {}}}
+    # seco s0 is stored under other params: it still has to run
+    assert quality.remaining(specs, stored) == specs[1:]
+    assert quality.remaining(specs, {}) == specs
+    assert specs[0].key == "synthetic/bench/baseline/s0/abc123def456"
+    assert specs[0].name == "q-synthetic-bench-baseline-s0-abc123de"
+
+
+def test_plan_hashes_the_resolved_params():
+    a = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline", "seco"], [0, 1], [],
+                     ["train.seed"])
+    assert [(s.preset, s.seed) for s in a] == [("baseline", 0), ("seco", 0), ("baseline", 1),
+                                              ("seco", 1)]
+    assert len({s.params_hash for s in a}) == 4
+    again = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline"], [0], [],
+                         ["train.seed"])
+    assert again[0].key == a[0].key  # the same params → the same key (resume)
+    other = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline"], [0],
+                         ["train.iterations=10"], ["train.seed"])
+    assert other[0].params_hash != a[0].params_hash
+
+
+def test_bench_profile_scales_every_start_of_the_schedule():
+    from seco_cli.params import load_params
+
+    p = load_params(benchlib.ROOT / "params.yaml", ["train.iterations=1000",
+                                                    "train.seg_start=500", "train.ckpt_every=1"])
+    over = dict(o.split("=") for o in quality.scaled_schedule(p, 0.5))
+    assert over["train.iterations"] == "500" and over["train.seg_start"] == "250"
+    assert over["train.ckpt_every"] == "1"  # never 0
+    assert set(over) == {"train.iterations", *(f"train.{k}" for k in quality.SCHEDULE_KEYS)}
+
+
+def test_find_experiment_reads_dvc_exp_show_json():
+    evaluate = {"cams": {"miou": 0.5}}
+    show = [{"rev": "workspace", "experiments": None},
+            {"rev": "abc", "experiments": [
+                {"revs": [{"rev": "e1", "name": "q-a", "error": None, "data": {
+                    "timestamp": "t", "metrics": {quality.METRICS: {"data": evaluate},
+                                                  quality.LIVE: {"data": {"step": 6}}}}}]},
+                {"revs": [{"rev": "e2", "name": "q-failed", "error": {"msg": "x"},
+                           "data": {"metrics": {}}}]}]}]
+    found = quality.find_experiment(show, "q-a")
+    assert found == {"exp_rev": "e1", "exp_time": "t", "metrics": evaluate,
+                     "train": {"step": 6}, "params_ran": None}
+    assert quality.find_experiment(show, "q-failed") is None
+    assert quality.find_experiment(show, "q-missing") is None
+
+
+def test_dvc_set_args_replace_mappings_like_seco_set():
+    args = quality.dvc_set_args(["train.seed=1", "model.backbone_kwargs={}",
+                                 "model.backbone_kwargs={img_size: 48}", "prepare.splits=[a, b]"])
+    assert args == ["-S", "train.seed=1",
+                    "-S", "~model.backbone_kwargs", "-S", "+model.backbone_kwargs={}",
+                    "-S", "~model.backbone_kwargs", "-S", "+model.backbone_kwargs={img_size: 48}",
+                    "-S", "prepare.splits=[a, b]"]
+
+
+def test_stages_of_log_tells_run_from_cached():
+    log = ("Stage 'prepare' is cached - skipping run, checking out outputs\n"
+           "Running stage 'train':\n> seco train\nRunning stage 'cams':\n")
+    assert quality.stages_of_log(log) == {"stages_run": ["train", "cams"],
+                                          "stages_cached": ["prepare"]}
+
+
+def test_speed_rows_format_ratio_and_goal():
+    import speed
+
+    r = speed.row("x", "y", "1 s", "2 s", 0.5, ">=", 0.8)
+    assert (r.goal, r.status) == ("≥ 0.8", "not met")
+    r = speed.row("x", "y", "0.4 s/it", value=0.4, op="<=", bound=0.5, goal="≤ 0.5 s/it")
+    assert (r.goal, r.status, r.ratio) == ("≤ 0.5 s/it", "met", None)
+    assert speed.row("x", "y", "3 GiB").status == "info"
+    assert speed.ratio_text(0.0175) == "1/57 (0.0175)" and speed.ratio_text(1.456) == "1.46"
+    assert speed.ratio_text(None) is None
+    md = speed.render({"command": "c", "date": "d", "git_revision": "g", "machine": {
+        "cpu": "cpu", "cores": 2, "usable_cores": 2, "torch_threads": 1, "omp_num_threads": "1",
+        "memory_gib": 8, "gpu": None, "python": "3", "torch": "2", "platform": "p"}},
+        [r, speed.Row("dvc", "repro", status="not measured: x")], {"dvc": 1.0})
+    assert "| dvc | repro | — | — | — | — | not measured: x |" in md
+    assert "- GPU: none" in md and "- part durations: dvc 1 s" in md
+
+
+def test_speed_realistic_overrides_keep_the_profile_network():
+    import speed
+
+    from seco_cli.params import load_params
+
+    base = load_params(benchlib.ROOT / "params.yaml")
+    over = speed.synthetic_overrides(base, 320, 4, 2, speed.VOC_NAMES)
+    p = load_params(benchlib.ROOT / "params.yaml", over)
+    assert p.model.crop_size == 320 and p.prepare.synthetic.image_size == 320
+    assert p.model.backbone_kwargs == {**base.model.backbone_kwargs, "img_size": 320}
+    assert len(p.prepare.synthetic.classes) == 20 and p.model.pretrained is False
+
+
+def test_check_params_refuses_an_experiment_that_ran_other_params():
+    from seco_cli.params import load_params
+
+    ran = load_params(benchlib.ROOT / "params.yaml", ["train.seed=3"])
+    spec = _spec("seco", 3, quality.params_hash(ran))
+    found = {"params_ran": ran.dump(), "metrics": {}}
+    quality.check_params(found, spec)  # same params: accepted, the params dropped
+    assert "params_ran" not in found
+    with pytest.raises(RuntimeError, match="other params"):
+        quality.check_params({"params_ran": ran.dump()}, _spec("seco", 3, "000000000000"))

@@ -317,3 +317,19 @@ def test_patch_token_contrast_empty_halves_contribute_zero():
         tokens, torch.full((1, 2, 2, 2), 0.5), torch.ones(1, 2), 0.5, 0.7, 0.25
     )
     assert ignored.item() == 0.0
+
+
+def test_online_cam_rounds_scaled_sides_to_the_patch_size():
+    """Crop 56 with patch 16: scale 0.75 gives 42 px, not a whole number of tokens; the
+    online CAM rounds it to 48 (as inference does) instead of failing in the ViT."""
+    import torch
+
+    from seco_cli.method import SeCo
+    from tests.conftest import tiny_params
+
+    p = tiny_params("model.backbone_kwargs={img_size: 56, patch_size: 16, embed_dim: 32, "
+                    "depth: 3, num_heads: 2}", "model.crop_size=56",
+                    "train.cam_scales=[1.0, 0.75]", "train.patch_size=16")
+    method = SeCo(p, 6)
+    cam = method.online_cam(torch.randn(2, 3, 56, 56), torch.ones(2, 6), aux=False)
+    assert cam.shape == (2, 6, 56, 56) and torch.isfinite(cam).all()

@@ -1,0 +1,408 @@
+"""Quality benchmark: the training presets × seeds as DVC experiments, and the paper-shaped
+table (mIoU of CAM seeds, pseudo masks and segmentation; precision, recall, FP/TP overall and
+per co-occurring pair; weakly ÷ fully supervised) with the goal checks of issue 5.
+
+Each (preset, seed) is one named experiment, ``dvc exp run --temp`` (run in a temporary copy
+of the repository: the workspace's params.yaml, dvc.lock and artifacts are not touched, which
+is checked around every run). Results are appended to a JSON file keyed by (dataset, profile,
+preset, seed, params hash) after each run, so an interrupted bench resumes where it stopped;
+an experiment that finished but was not yet recorded is read back from ``dvc exp show``.
+The copy holds the workspace as it is (commits and uncommitted changes of tracked files), and
+its stage commands import that copy's code (``PYTHONPATH=.``), not whatever ``seco`` is
+installed: commit first for a clean provenance, and do not edit the repository meanwhile.
+
+Protocol: every preset and seed uses the same data (``prepare.seed`` fixed) and the same
+iterations; the seed sets ``train.seed`` (initial weights, batches, views): the usual
+ablation protocol, which measures training noise on one dataset. ``--seed-keys
+train.seed,prepare.seed`` also redraws the synthetic data per seed.
+
+    python bench/quality.py                         # 7 presets × seeds 0,1,2, params.yaml as is
+    python bench/quality.py --profile bench         # half the schedule: ~2 h on 2 CPU cores
+    python bench/quality.py --dataset coco128 --profile bench --seeds 0   # real photos
+    python bench/quality.py --presets baseline,seco --seeds 0 --set train.iterations=300
+    python bench/quality.py --report-only           # rebuild the tables (same options)
+    python bench/quality.py --dry-run               # list the runs still to do
+
+Writes ``bench/results/quality-<dataset>-<profile>.json`` (the runs) and ``.md`` (the tables).
+Do not run ``dvc`` commands in the same repository while it runs (DVC's lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+import benchlib  # noqa: E402
+import quality_report  # noqa: E402
+
+from seco_cli.params import Params, load_params  # noqa: E402
+
+ROOT = benchlib.ROOT
+SHARED_DATA = ROOT.parent / "shared" / "data"
+VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+             "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep",
+             "sofa", "train", "tvmonitor"]
+# The bench profile runs the schedule of params.yaml at a fraction of its iterations, every
+# start (warm-up, prototypes, contrasts, CAM→mask, segmentation, rectification) keeping its
+# relative place, so the 7 presets × 3 seeds fit in a working session on 2 CPU cores:
+# synthetic: 750 of 1,500 iterations, ~5 min a run (≈ 1.8 h for 21 runs);
+# coco128: 300 iterations at crop 160 (SeCo ~4 s/step at 320² is PAR and CNN-bound at 320),
+# ~15-20 min a run (≈ 2 h per seed). Measurements behind these numbers: BENCHMARKS.md.
+BENCH = {"synthetic": (0.5, []), "coco128": (0.2, ["model.crop_size=160"])}
+SCHEDULE_KEYS = ("warmup_iters", "proto_start", "contrast_start", "cam2mask", "seg_start",
+                 "rectify_start", "ptc_start", "ckpt_every")
+METRICS = "artifacts/metrics/evaluate.json"
+LIVE = "artifacts/train/live/metrics.json"
+
+
+# --------------------------------------------------------------------------- what to run
+@dataclass(frozen=True)
+class RunSpec:
+    dataset: str
+    profile: str
+    preset: str
+    seed: int
+    overrides: tuple[str, ...]
+    params_hash: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.profile}/{self.preset}/s{self.seed}/{self.params_hash}"
+
+    @property
+    def name(self) -> str:
+        """The experiment's name (a valid git ref name)."""
+        return f"q-{self.dataset}-{self.profile}-{self.preset}-s{self.seed}-{self.params_hash[:8]}"
+
+
+def params_hash(params: Params) -> str:
+    return hashlib.sha256(json.dumps(params.dump(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def scaled_schedule(params: Params, fraction: float) -> list[str]:
+    """Overrides running ``train.iterations × fraction`` with every start scaled alike."""
+    tp = params.train
+    out = [f"train.iterations={max(1, round(tp.iterations * fraction))}"]
+    for key in SCHEDULE_KEYS:
+        value = getattr(tp, key)
+        out.append(f"train.{key}={max(1 if key == 'ckpt_every' else 0, round(value * fraction))}")
+    return out
+
+
+def coco128_overrides(root: Path, weights: Path) -> list[str]:
+    """coco128_voc20 (128 COCO photos, 20 VOC classes) through the ``folder`` source, with the
+    offline ImageNet EfficientNet-Lite0 (its preprocessing: mean = std = 0.5)."""
+    return ["data.source=folder", f"data.root={root}", "data.train_split=train",
+            "data.eval_split=val", "prepare.splits=[train, val]", "prepare.val_fraction=0.0",
+            "data.mean=[0.5, 0.5, 0.5]", "data.std=[0.5, 0.5, 0.5]",
+            "model.backbone=tf_efficientnet_lite0", "model.backbone_kwargs={}",
+            f"model.pretrained={weights}", "model.aux_layer=-2", "model.seg_dilations=[1, 2, 4]",
+            "model.crop_size=320", "train.patch_size=64", "train.lr=0.0001",
+            "evaluate.pairs=[]"]  # the most frequent co-occurring pairs of the train split
+
+
+def base_overrides(repo: Path, dataset: str, profile: str, extra: list[str],
+                   data_root: Path | None, weights: Path | None) -> list[str]:
+    """Dataset overrides, then the profile's, then the user's ``--set`` (last wins)."""
+    over = coco128_overrides(data_root, weights) if dataset == "coco128" else []
+    if profile == "bench":
+        fraction, more = BENCH[dataset]
+        over += more + scaled_schedule(load_params(repo / "params.yaml", over), fraction)
+    return over + list(extra)
+
+
+def plan(repo: Path, dataset: str, profile: str, presets: list[str], seeds: list[int],
+         base: list[str], seed_keys: list[str]) -> list[RunSpec]:
+    """Every (preset, seed) run with its overrides and params hash (params validated here)."""
+    specs = []
+    for seed in seeds:
+        for preset in presets:
+            over = [*base, f"train.preset={preset}", *(f"{k}={seed}" for k in seed_keys)]
+            h = params_hash(load_params(repo / "params.yaml", over))
+            specs.append(RunSpec(dataset, profile, preset, seed, tuple(over), h))
+    return specs
+
+
+def remaining(specs: list[RunSpec], results: dict[str, Any]) -> list[RunSpec]:
+    """The runs without a stored result."""
+    done = results.get("runs", {})
+    return [s for s in specs if s.key not in done]
+
+
+# --------------------------------------------------------------------------- coco128 layout
+def coco128_layout(shared: Path, cache: Path) -> Path:
+    """A ``folder``-source view of ``coco128_voc20`` (symlinks, class list, labels, a fixed
+    train/val split: every 4th id by name → val, 96 / 32 images), made once."""
+    src = shared / "coco128_voc20"
+    if not (src / "JPEGImages").is_dir():
+        raise SystemExit(f"error: {src} not found; --dataset coco128 needs ../shared/data "
+                         "(see its README), or point --shared-data at it")
+    root = cache / "coco128_voc20"
+    root.mkdir(parents=True, exist_ok=True)
+    for link, target in (("images", "JPEGImages"), ("masks", "SegmentationClass")):
+        if not (root / link).exists():
+            (root / link).symlink_to((src / target).resolve(), target_is_directory=True)
+    (root / "classes.txt").write_text("\n".join(VOC_NAMES) + "\n")
+    (root / "labels.json").write_text((src / "image_labels.json").read_text())
+    ids = sorted(p.stem for p in (src / "JPEGImages").glob("*.jpg"))
+    (root / "val.txt").write_text("\n".join(ids[::4]) + "\n")
+    (root / "train.txt").write_text("\n".join(i for k, i in enumerate(ids) if k % 4) + "\n")
+    return root
+
+
+# --------------------------------------------------------------------------- DVC
+def exp_show(repo: Path) -> list[dict[str, Any]]:
+    done = subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"dvc exp show failed: {(done.stderr or done.stdout).strip()[-400:]}")
+    return json.loads(done.stdout or "[]")
+
+
+def find_experiment(show: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The experiment called ``name`` in ``dvc exp show --json`` output: its rev, time,
+    evaluate.json and training metrics; None when absent or without metrics."""
+    for baseline in show:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                if rev.get("name") != name:
+                    continue
+                data = rev.get("data") or {}
+                metrics = data.get("metrics") or {}
+                evaluate = (metrics.get(METRICS) or {}).get("data")
+                if rev.get("error") or not evaluate:
+                    return None
+                params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
+                return {"exp_rev": rev.get("rev"), "exp_time": data.get("timestamp"),
+                        "metrics": evaluate, "train": (metrics.get(LIVE) or {}).get("data"),
+                        "params_ran": params}
+    return None
+
+
+def check_params(found: dict[str, Any], spec: RunSpec) -> None:
+    """The experiment's params.yaml (as DVC wrote it from the ``-S`` overrides) must be the
+    params the spec was hashed from; otherwise its result would be stored under a wrong key."""
+    ran = found.pop("params_ran", None)
+    got = params_hash(Params.model_validate(ran)) if ran is not None else None
+    if got != spec.params_hash:
+        raise RuntimeError(f"experiment {spec.name} ran with other params than planned (hash "
+                           f"{got} ≠ {spec.params_hash}); not recorded")
+
+
+def fingerprint(repo: Path) -> dict[str, Any]:
+    """What an experiment must leave alone: HEAD, params.yaml, dvc.yaml, dvc.lock and the
+    artifacts (names and modification times two levels deep)."""
+    def digest(p: Path) -> str | None:
+        return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    art = repo / "artifacts"
+    entries = sorted((str(p.relative_to(art)), p.lstat().st_mtime_ns)
+                     for p in [*art.glob("*"), *art.glob("*/*")]) if art.is_dir() else []
+    return {"head": head.stdout.strip(), "artifacts": entries,
+            **{f: digest(repo / f) for f in ("params.yaml", "dvc.yaml", "dvc.lock")}}
+
+
+def dvc_set_args(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    """``-S`` arguments for ``dvc exp run`` meaning what ``seco --set`` means. DVC applies
+    ``-S key={...}`` as Hydra does, *merging* a mapping into the existing one (``{}`` would
+    change nothing), while ``--set`` replaces it: a mapping value is therefore sent as a
+    deletion and an addition (``~key``, ``+key=value``)."""
+    args: list[str] = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            is_map = isinstance(yaml.safe_load(value), dict)
+        except yaml.YAMLError:
+            is_map = False
+        args += ["-S", f"~{key}", "-S", f"+{item}"] if is_map else ["-S", item]
+    return args
+
+
+def stages_of_log(text: str) -> dict[str, list[str]]:
+    """Stages DVC ran and stages it restored from its run cache (same params and deps:
+    identical outputs, no run time), from the ``dvc exp run`` output."""
+    ran, cached = [], []
+    for line in text.splitlines():
+        if line.startswith("Running stage '"):
+            ran.append(line.split("'")[1])
+        elif line.startswith("Stage '") and "is cached" in line:
+            cached.append(line.split("'")[1])
+    return {"stages_run": ran, "stages_cached": cached}
+
+
+def run_experiment(repo: Path, spec: RunSpec, log: Path) -> float:
+    """``dvc exp run --temp`` of one spec (stage commands import this repository's code:
+    PYTHONPATH=. in the temporary copy); seconds taken. Raises when it fails or when the
+    workspace changed."""
+    cmd = ["dvc", "exp", "run", "--temp", "-n", spec.name, *dvc_set_args(spec.overrides)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        ["."] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    before = fingerprint(repo)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        out.write(shlex.join(cmd) + "\n")
+        out.flush()
+        done = subprocess.run(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - start
+    if fingerprint(repo) != before:
+        raise SystemExit(f"error: the workspace of {repo} changed during experiment {spec.name} "
+                         "(params.yaml, dvc.lock, dvc.yaml, HEAD or artifacts/); stopping. Was "
+                         "another dvc command running in it?")
+    if done.returncode:
+        tail = log.read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)} (log: {log}; an "
+                           f"experiment of this name may need `dvc exp remove {spec.name}`)")
+    return seconds
+
+
+# --------------------------------------------------------------------------- results
+def log_path(results_path: Path, spec: RunSpec) -> Path:
+    return results_path.parent / "logs" / f"{spec.name}.log"
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {"version": 1, "runs": {}}
+
+
+def record(results: dict[str, Any], spec: RunSpec, found: dict[str, Any], seconds: float | None,
+           repo: Path) -> None:
+    results.setdefault("runs", {})[spec.key] = {
+        "dataset": spec.dataset, "profile": spec.profile, "preset": spec.preset,
+        "seed": spec.seed, "params_hash": spec.params_hash, "exp_name": spec.name,
+        "overrides": list(spec.overrides), "wall_s": seconds,
+        "git_revision": benchlib.git_revision(repo),
+        "recorded": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **found}
+
+
+def selected(results: dict[str, Any], specs: list[RunSpec]) -> list[dict[str, Any]]:
+    """Stored runs of the planned specs (the table shows exactly the requested runs)."""
+    runs = results.get("runs", {})
+    return [runs[s.key] for s in specs if s.key in runs]
+
+
+def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespace,
+           base: list[str], out: Path) -> str:
+    runs = selected(results, specs)
+    times = [r["wall_s"] for r in runs if r.get("wall_s") and "train" in r.get("stages_run", [])]
+    revs = sorted({r.get("git_revision", "?") for r in runs})
+    head = (f"# Quality benchmark: {args.dataset}, profile {args.profile}\n\n"
+            f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`\n"
+            f"- runs: {len(runs)} of {len(specs)} planned (presets {args.presets}; seeds "
+            f"{args.seeds}, setting {', '.join(args.seed_keys)}; same data and iterations)\n"
+            f"- overrides of params.yaml: `{' '.join(base) or '(none)'}`\n"
+            f"- run time per experiment (runs that trained, not restored from DVC's run "
+            f"cache): " + (f"mean {sum(times) / len(times) / 60:.1f} min over {len(times)}, "
+                           f"total {sum(times) / 3600:.2f} h" if times else "—") + "\n"
+            f"- git revision(s) of the runs: {', '.join(f'`{r}`' for r in revs) or '—'}\n")
+    text = quality_report.render(runs, head)
+    benchlib.write_text(out, text)
+    return text
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", choices=["synthetic", "coco128"], default="synthetic")
+    ap.add_argument("--profile", choices=["default", "bench"], default="default")
+    ap.add_argument("--presets", default=",".join(quality_report.PRESETS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seed-keys", default="train.seed",
+                    help="params the seed sets (comma-separated)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="params override for every run (repeatable; part of the params hash)")
+    ap.add_argument("--repo", type=Path, default=ROOT, help="the DVC repository to run in")
+    ap.add_argument("--results", type=Path, help="results JSON (default bench/results/"
+                    "quality-<dataset>-<profile>.json in --repo)")
+    ap.add_argument("--shared-data", type=Path, default=SHARED_DATA)
+    ap.add_argument("--data-cache", type=Path, default=Path.home() / ".cache" / "seco-bench",
+                    help="where the coco128 folder layout (symlinks) is made")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the tables only")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs still to do")
+    args = ap.parse_args(argv)
+    args.presets_list = [p for p in args.presets.split(",") if p]
+    args.seeds_list = [int(s) for s in args.seeds.split(",") if s]
+    args.seed_keys = [k for k in args.seed_keys.split(",") if k]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    repo = args.repo.resolve()
+    stem = f"quality-{args.dataset}-{args.profile}"
+    results_path = args.results or repo / "bench" / "results" / f"{stem}.json"
+    out_md = results_path.with_suffix(".md")
+    data_root = weights = None
+    if args.dataset == "coco128":
+        data_root = coco128_layout(args.shared_data, args.data_cache)
+        weights = (args.shared_data / "weights" / "tf_efficientnet_lite0_timm.pth").resolve()
+    base = base_overrides(repo, args.dataset, args.profile, args.overrides, data_root, weights)
+    specs = plan(repo, args.dataset, args.profile, args.presets_list, args.seeds_list, base,
+                 args.seed_keys)
+    results = load_results(results_path)
+    todo = remaining(specs, results)
+    if args.report_only or args.dry_run:
+        for s in todo if args.dry_run else []:
+            print(f"to run: {s.name}  ({' '.join(s.overrides)})")
+        print(report(results, specs, args, base, out_md) if args.report_only else
+              f"{len(specs) - len(todo)} of {len(specs)} runs stored; {len(todo)} to run")
+        return 0
+    if todo:  # finished earlier but not recorded (interrupted between run and record)
+        show = exp_show(repo)
+        for s in list(todo):
+            found = find_experiment(show, s.name)
+            if not found:
+                continue
+            try:
+                check_params(found, s)
+            except RuntimeError as exc:
+                print(f"not recovered: {exc}")
+                continue
+            record(results, s, found, None, repo)
+            todo.remove(s)
+            print(f"recovered {s.name} from dvc exp show")
+        benchlib.write_json(results_path, results)
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs stored; {len(todo)} to run")
+    failed = []
+    for i, s in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] dvc exp run --temp -n {s.name}", flush=True)
+        try:
+            seconds = run_experiment(repo, s, log_path(results_path, s))
+            found = find_experiment(exp_show(repo), s.name)
+            if not found:
+                raise RuntimeError("finished, but dvc exp show has no metrics for it")
+            check_params(found, s)
+            found.update(stages_of_log(log_path(results_path, s).read_text()))
+        except RuntimeError as exc:
+            print(f"    failed: {exc}", flush=True)
+            failed.append(s.name)
+            continue
+        record(results, s, found, seconds, repo)
+        benchlib.write_json(results_path, results)
+        report(results, specs, args, base, out_md)
+        print(f"    done in {seconds / 60:.1f} min", flush=True)
+    print(report(results, specs, args, base, out_md))
+    print(f"wrote {results_path} and {out_md}")
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}; run again to retry them")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The quality table of ``bench/quality.py``: per-run metrics → mean ± spread per preset, the
+paper's table shapes (Tables 2 and 5: mIoU of CAM seeds, pseudo masks and segmentation;
+Table 3: IoU and FP/TP of co-occurring pairs), and the goal checks of issue 5.
+
+Pure functions of the stored results (no I/O), so ``--report-only`` and the tests use them.
+Metrics are fractions in the results (``evaluate.json``) and points (× 100) in the tables;
+FP/TP is a ratio. The spread is the sample standard deviation over seeds (n − 1); with one
+seed it is left out.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from benchlib import goal_status, md_table
+
+PRESETS = ["baseline", "toco_like", "no_lig", "no_lil", "no_rectify", "seco",
+           "fully_supervised"]
+ABLATIONS = ["no_lig", "no_lil", "no_rectify"]  # SeCo with one component removed
+SOURCES = {"cams": "CAM seeds", "pseudo": "pseudo masks", "segment_raw": "seg raw",
+           "segment_ms_crf": "seg MS+CRF"}
+HEADLINE = ("miou", "precision", "recall", "fp_tp")
+PAIR_SOURCES = ("cams", "segment_ms_crf")  # Table 3 is shown for these
+SEG = "segment_ms_crf"  # the paper's segmentation protocol: the goals use it
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def mean_spread(values: Iterable[Any]) -> tuple[float | None, float | None, int]:
+    """(mean, sample standard deviation or None below two values, count) of the finite
+    values; (None, None, 0) when there is none."""
+    vals = [f for f in map(_finite, values) if f is not None]
+    if not vals:
+        return None, None, 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+
+
+def fmt(stat: tuple[float | None, float | None, int] | None, scale: float = 100.0,
+        digits: int = 1) -> str | None:
+    """``57.2 ± 1.3`` (scaled), ``57.2`` for one value, None when missing."""
+    if stat is None or stat[0] is None:
+        return None
+    mean, spread, _ = stat
+    text = f"{mean * scale:.{digits}f}"
+    return text if spread is None else f"{text} ± {spread * scale:.{digits}f}"
+
+
+def pair_names(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``victim/partner`` pairs of the runs' evaluate.json, in first-seen order."""
+    seen: dict[str, None] = {}
+    for run in runs:
+        seen.update(dict.fromkeys(run.get("metrics", {}).get("pairs", {})))
+    return list(seen)
+
+
+def context_pairs(pairs: Sequence[str]) -> list[str]:
+    """Pairs coupled with a context (partner ``background``, e.g. boat/water)."""
+    return [p for p in pairs if p.split("/", 1)[-1] == "background"]
+
+
+def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None]:
+    """One run's numbers under flat keys: ``<source>.<metric>``, ``pair.<pair>.<source>.<iou|
+    fp_tp>``, and ``context_fp_tp.<source>`` / ``coupled_fp_tp.<source>``: the mean FP/TP
+    over the context pairs / over all pairs."""
+    m = run.get("metrics", {})
+    out: dict[str, float | None] = {}
+    for src in SOURCES:
+        for k in HEADLINE:
+            out[f"{src}.{k}"] = _finite(m.get(src, {}).get(k))
+    out["cams.best_miou"] = _finite(m.get("cams", {}).get("best_miou"))
+    for pair in pairs:
+        for src in PAIR_SOURCES + ("pseudo", "segment_raw"):
+            entry = m.get("pairs", {}).get(pair, {}).get(src, {})
+            for k in ("iou", "fp_tp"):
+                out[f"pair.{pair}.{src}.{k}"] = _finite(entry.get(k))
+    for name, chosen in (("context", context_pairs(pairs)), ("coupled", list(pairs))):
+        for src in SOURCES:
+            out[f"{name}_fp_tp.{src}"] = mean_spread(
+                out[f"pair.{p}.{src}.fp_tp"] for p in chosen)[0]
+    return out
+
+
+Stat = tuple[float | None, float | None, int]
+
+
+def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Stat]]:
+    """preset → key → (mean, spread, n) over the preset's runs (seeds)."""
+    pairs = pair_names(runs)
+    by_preset: dict[str, list[dict[str, float | None]]] = {}
+    for run in runs:
+        by_preset.setdefault(run["preset"], []).append(flatten(run, pairs))
+    return {preset: {k: mean_spread(f[k] for f in flats) for k in flats[0]}
+            for preset, flats in by_preset.items()}
+
+
+def _mean(agg: dict[str, dict[str, Stat]], preset: str, key: str) -> float | None:
+    return agg.get(preset, {}).get(key, (None, None, 0))[0]
+
+
+def _pts(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def goal_checks(agg: dict[str, dict[str, Stat]], pairs: Sequence[str]) -> list[dict[str, str]]:
+    """Issue 5's goals on the means over seeds: met / not met / not measured, with numbers."""
+    goals = []
+    ctx = context_pairs(pairs)
+    kind, names, label = (("context", ctx, "context-coupled classes") if ctx else
+                          ("coupled", list(pairs), "coupled classes (no context pair: all pairs)"))
+    for src in PAIR_SOURCES:
+        key = f"{kind}_fp_tp.{src}"
+        s, b = _mean(agg, "seco", key), _mean(agg, "baseline", key)
+        bound = None if b is None else 0.6 * b
+        goals.append({"goal": f"mean FP/TP of the {label} ({', '.join(names) or 'none'}), "
+                      f"{SOURCES[src]}: SeCo ≤ 0.6 × baseline",
+                      "measured": f"SeCo {_ratio(s)}, 0.6 × baseline {_ratio(bound)}",
+                      "status": goal_status(s, "<=", bound)})
+    key = f"{SEG}.miou"
+    s, b, f = _mean(agg, "seco", key), _mean(agg, "baseline", key), _mean(agg, "fully_supervised",
+                                                                           key)
+    goals.append({"goal": "segmentation mIoU (MS+CRF): SeCo ≥ baseline + 5",
+                  "measured": f"SeCo {_pts(s)}, baseline {_pts(b)}",
+                  "status": goal_status(s, ">=", None if b is None else b + 0.05)})
+    goals.append({"goal": "segmentation mIoU (MS+CRF): SeCo ≥ 90 % of fully supervised",
+                  "measured": f"SeCo {_pts(s)}, fully supervised {_pts(f)}"
+                  + (f" (ratio {s / f:.2f})" if s is not None and f else ""),
+                  "status": goal_status(s, ">=", None if f is None else 0.9 * f)})
+    for ablation in ABLATIONS:
+        a = _mean(agg, ablation, key)
+        goals.append({"goal": f"segmentation mIoU (MS+CRF): {ablation} < SeCo",
+                      "measured": f"{ablation} {_pts(a)}, SeCo {_pts(s)}",
+                      "status": goal_status(a, "<", s)})
+    return goals
+
+
+def _presets(agg: dict[str, Any]) -> list[str]:
+    return [p for p in PRESETS if p in agg] + sorted(p for p in agg if p not in PRESETS)
+
+
+def miou_table(agg: dict[str, dict[str, Stat]]) -> str:
+    """Tables 2/5 shape: mIoU per stage, and weakly ÷ fully supervised."""
+    full = _mean(agg, "fully_supervised", f"{SEG}.miou")
+    rows = []
+    for p in _presets(agg):
+        a = agg[p]
+        seg = a[f"{SEG}.miou"][0]
+        rows.append([p, a[f"{SEG}.miou"][2], fmt(a["cams.miou"]), fmt(a["cams.best_miou"]),
+                     fmt(a["pseudo.miou"]), fmt(a["segment_raw.miou"]), fmt(a[f"{SEG}.miou"]),
+                     None if seg is None or not full else f"{seg / full:.2f}"])
+    return md_table(["preset", "seeds", "CAM mIoU", "CAM mIoU (best bkg)", "pseudo mIoU",
+                     "seg mIoU raw", "seg mIoU MS+CRF", "÷ fully supervised"], rows)
+
+
+def precision_table(agg: dict[str, dict[str, Stat]]) -> str:
+    """Precision, recall (points) and FP/TP (ratio) of CAM seeds, pseudo masks, segmentation."""
+    srcs = ("cams", "pseudo", SEG)
+    headers = ["preset"] + [f"{SOURCES[s]} {k}" for s in srcs for k in ("P", "R", "FP/TP")]
+    rows = [[p] + [v for s in srcs for v in (fmt(agg[p][f"{s}.precision"]),
+                                            fmt(agg[p][f"{s}.recall"]),
+                                            fmt(agg[p][f"{s}.fp_tp"], 1.0, 2))]
+            for p in _presets(agg)]
+    return md_table(headers, rows)
+
+
+def pair_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str], src: str) -> str:
+    """Table 3 shape for one source: IoU (points) / FP/TP per coupled pair."""
+    ctx = context_pairs(pairs)
+    headers = ["preset"] + [f"{p} IoU / FP-TP" for p in pairs] + (
+        ["context FP/TP (mean)"] if ctx else []) + ["coupled FP/TP (mean)"]
+    rows = []
+    for p in _presets(agg):
+        a = agg[p]
+        cells = [f"{fmt(a[f'pair.{q}.{src}.iou']) or '—'} / "
+                 f"{fmt(a[f'pair.{q}.{src}.fp_tp'], 1.0, 2) or '—'}" for q in pairs]
+        extra = [fmt(a[f"context_fp_tp.{src}"], 1.0, 2)] if ctx else []
+        rows.append([p, *cells, *extra, fmt(a[f"coupled_fp_tp.{src}"], 1.0, 2)])
+    return md_table(headers, rows)
+
+
+def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
+    """The whole markdown report of the stored runs."""
+    if not runs:
+        return header + "\nNo finished run yet.\n"
+    agg, pairs = aggregate(runs), pair_names(runs)
+    goals = goal_checks(agg, pairs)
+    parts = [header,
+             "\n## mIoU (paper Tables 2 and 5; points, mean ± sample std over seeds)\n\n",
+             miou_table(agg),
+             "\n## Precision, recall (points) and FP/TP (false ÷ true positive pixels)\n\n",
+             precision_table(agg)]
+    for src in PAIR_SOURCES:
+        parts += [f"\n## Co-occurring pairs, {SOURCES[src]} (paper Table 3)\n\n",
+                  pair_table(agg, pairs, src)]
+    parts += ["\n## Goals (means over seeds)\n\n",
+              md_table(["goal", "measured", "status"],
+                       [[g["goal"], g["measured"], g["status"]] for g in goals])]
+    return "".join(parts)

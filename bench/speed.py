@@ -1,0 +1,465 @@
+"""Speed, storage and memory of the pipeline against the goals of issue 5, in one run.
+
+Every part is its own function returning table rows (measured, reference, ratio, goal,
+met / not met); a part that fails reports its error in its row and the others still run:
+
+- ``train_step``: train step time, SeCo ÷ baseline, same backbone, batch and data
+  (``bench/train_step.measure``) — goal ≤ 1.5;
+- ``inference``: cams and segment stage throughput ÷ bare forward throughput at the same
+  scales and flips (``bench/inference_speed``), on 320 px synthetic images with the profile's
+  network at crop 320, untrained (speed does not depend on the weights) — goal ≥ 0.8;
+- ``crf``: the pseudo stage (dense CRF) with 2 worker processes ÷ 1 — goal ≥ 1.7;
+- ``cam_bytes``: CAM bytes per image as stored ÷ float32 full-resolution maps of every
+  class, for the 6 embedded classes and for 20 VOC-like classes (a synthetic dataset with the
+  VOC class names) — goal ≤ 1/50;
+- ``dvc``: ``dvc status`` and ``dvc repro`` in this repository when nothing changed — goal
+  ≤ 2 s (not measured when the pipeline is not up to date: nothing is rebuilt here);
+- ``memory``: peak memory (RSS; GPU max allocated under CUDA) of training steps with every
+  term on, at the default profile and at the VOC recipe (ViT-B/16, 448, batch 4, random init,
+  synthetic 448 px data), each in its own process;
+- ``gpu`` (CUDA only): VOC recipe seconds per iteration over 50 iterations and peak GPU memory
+  — goal ≤ 0.5 s/it on an H100-class GPU — and cams/segment throughput with that network.
+
+    python bench/speed.py               # the real measurement (≲ 20 min on 2 CPU cores)
+    python bench/speed.py --quick       # every part shrunk: a ~2 min smoke run
+    python bench/speed.py --parts dvc,memory --out /tmp/speed
+
+Writes ``<out>.md`` and ``<out>.json`` (default ``bench/results/speed``, with ``--quick``
+``bench/results/speed-quick``) with the command, machine, date and git revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+import benchlib  # noqa: E402
+import inference_speed as inf  # noqa: E402
+import train_child  # noqa: E402
+import train_step  # noqa: E402
+
+from seco_cli.checkpoint import save_atomic  # noqa: E402
+from seco_cli.data.prepared import PreparedDataset  # noqa: E402
+from seco_cli.params import Params, load_params  # noqa: E402
+from seco_cli.pool import resolve_workers  # noqa: E402
+from seco_cli.provenance import provenance  # noqa: E402
+from seco_cli.shards import Shard  # noqa: E402
+
+ROOT = benchlib.ROOT
+VOC_RECIPE = ROOT / "recipes" / "voc.yaml"
+VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
+             "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep",
+             "sofa", "train", "tvmonitor"]
+REALISTIC = 320  # image side of the inference measurement (≥ 320 px, VOC-like)
+
+
+@dataclass
+class Row:
+    part: str
+    what: str
+    measured: str | None = None
+    reference: str | None = None
+    ratio: float | None = None
+    goal: str | None = None
+    status: str = "info"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def row(part: str, what: str, measured: str | None, reference: str | None = None,
+        ratio: float | None = None, op: str | None = None, bound: float | None = None,
+        value: float | None = None, goal: str | None = None,
+        raw: dict[str, Any] | None = None) -> Row:
+    """A table row; with a goal (``op``, ``bound``) its status compares ``value`` (default:
+    the ratio) with the bound."""
+    status = "info"
+    if op is not None:
+        status = benchlib.goal_status(ratio if value is None else value, op, bound)
+        goal = goal or f"{op.replace('<=', '≤').replace('>=', '≥')} {bound:g}"
+    return Row(part, what, measured, reference, ratio, goal, status, raw or {})
+
+
+def ratio_text(r: float | None) -> str | None:
+    if r is None:
+        return None
+    return f"1/{1 / r:.0f} ({r:.4f})" if 0 < r < 0.1 else f"{r:.2f}"
+
+
+# --------------------------------------------------------------------------- shared set-up
+class Context:
+    """Options, a scratch folder, and the datasets/models/stores the parts share (made on
+    first use, so every part also runs alone)."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path):
+        self.quick, self.tmp, self.args = args.quick, tmp, args
+        self.params_file, self.overrides = args.params, args.overrides
+        self.cache: dict[str, Any] = {}
+
+    def n(self, quick: int, full: int) -> int:
+        return quick if self.quick else full
+
+    def synthetic(self, name: str, overrides: list[str], params_file: Path | None = None,
+                  ) -> tuple[Params, Path, Path]:
+        """(params, prepared dataset, untrained checkpoint) of a synthetic configuration."""
+        if name not in self.cache:
+            params = load_params(params_file or self.params_file, overrides)
+            folder = self.tmp / name
+            prepared = prepare(params, folder)
+            self.cache[name] = (params, prepared, untrained_checkpoint(params, prepared,
+                                                                       folder / "model.pt"))
+        return self.cache[name]
+
+    def realistic(self) -> tuple[Params, Path, Path]:
+        base = load_params(self.params_file, self.overrides)
+        over = [*self.overrides, *synthetic_overrides(base, REALISTIC, self.n(6, 96),
+                                                      self.n(4, 24))]
+        return self.synthetic("realistic", over)
+
+    def realistic_cams(self) -> Path:
+        """The CAM store of the realistic dataset (made by the inference part, or here)."""
+        params, prepared, model = self.realistic()
+        store = self.tmp / "realistic" / "cams.zarr"
+        if not (store / "COMPLETE").is_file():
+            from stages import cams as cams_stage
+
+            cams_stage.run(params, prepared, model, store, Shard())
+        return store
+
+
+def synthetic_overrides(base: Params, size: int, n_train: int, n_val: int,
+                        classes: list[str] | None = None) -> list[str]:
+    """Overrides for synthetic ``size`` px images and a network at crop ``size``."""
+    kw = dict(base.model.backbone_kwargs)
+    if "img_size" in kw:
+        kw["img_size"] = size
+    out = ["data.source=synthetic", "data.train_split=train", "data.eval_split=val",
+           f"prepare.synthetic.image_size={size}", f"prepare.synthetic.num_train={n_train}",
+           f"prepare.synthetic.num_val={n_val}", f"model.crop_size={size}",
+           f"model.backbone_kwargs={json.dumps(kw)}", "model.pretrained=false"]
+    if classes:
+        out.append(f"prepare.synthetic.classes={json.dumps(classes)}")
+    return out
+
+
+def prepare(params: Params, folder: Path) -> Path:
+    from stages import prepare as prepare_stage
+
+    prepare_stage.run(params, folder / "prepared", folder / "prepare.json")
+    return folder / "prepared"
+
+
+def untrained_checkpoint(params: Params, prepared: Path, path: Path) -> Path:
+    """A freshly initialised network saved as ``stages/train.py`` saves a trained one."""
+    from seco_cli.trainer import Trainer
+
+    data = PreparedDataset(prepared)
+    meta = {"backbone": params.model.backbone, "num_classes": data.num_classes,
+            "classes": data.classes, **provenance(params.dump(), params.train.seed)}
+    save_atomic(Trainer(params, data, torch.device("cpu"), meta).final(), path)
+    return path
+
+
+# --------------------------------------------------------------------------- parts
+def part_train_step(ctx: Context) -> list[Row]:
+    warmup, steps = ctx.n(1, 5), ctx.n(3, 20)
+    res = train_step.measure(ctx.params_file, ctx.overrides, ["baseline", "seco"], warmup, steps)
+    b, s = res["baseline"]["median_s"], res["seco"]["median_s"]
+    return [row("train step", f"SeCo ÷ baseline, s/step (median of {steps}), same backbone, "
+                "batch and data, every term on", f"{s:.3f} s", f"{b:.3f} s (baseline)", s / b,
+                "<=", 1.5, raw=res)]
+
+
+def _throughput_rows(tag: str, params: Params, prepared: Path, model: Path, out: Path,
+                     ) -> list[Row]:
+    c = inf.measure_cams(params, prepared, model, out / "cams.zarr")
+    workers = resolve_workers(params.segment.workers)
+    s = inf.measure_segment(params, prepared, model, out, workers)
+    crop = params.model.crop_size
+    return [
+        row("cams", f"{tag}: stage ÷ bare forward, {c['images']} images at {crop} px, scales "
+            f"{c['scales']} + flip={c['flip']}, {c['device']}", f"{c['stage_ips']:.2f} img/s",
+            f"{c['bare_ips']:.2f} img/s (bare)", c["ratio"], ">=", 0.8, raw=c),
+        row("segment", f"{tag}: stage ÷ bare forward, {s['images']} images, scales "
+            f"{s['scales']} + flip, raw + ms_crf, CRF {s['crf_iterations']} it over "
+            f"{workers} worker(s), PNGs, {s['device']}", f"{s['stage_ips']:.2f} img/s",
+            f"{s['bare_ips']:.2f} img/s (bare)", s["ratio"], ">=", 0.8, raw=s),
+    ]
+
+
+def part_inference(ctx: Context) -> list[Row]:
+    params, prepared, model = ctx.realistic()
+    tag = f"profile network ({params.model.backbone}, untrained)"
+    return _throughput_rows(tag, params, prepared, model, ctx.tmp / "realistic")
+
+
+def part_crf(ctx: Context) -> list[Row]:
+    params, prepared, _ = ctx.realistic()
+    store = ctx.realistic_cams()
+    out = ctx.tmp / "crf"
+    one = inf.measure_pseudo(params, prepared, store, out / "w1", 1)
+    two = inf.measure_pseudo(params, prepared, store, out / "w2", 2)
+    start = inf.pool_startup(2)
+    n, t1, t2 = one["images"], one["seconds"], two["seconds"]
+    what = (f"pseudo stage 2 workers ÷ 1, {n} images at {params.model.crop_size} px, CRF "
+            f"{one['crf_iterations']} it, PAR {one['par_iterations']} it")
+    raw = {"one": one, "two": two, "pool_startup_s": start}
+    rows = [row("CRF", f"{what}, stage wall time (pool start-up included)",
+                f"{n / t2:.2f} img/s", f"{n / t1:.2f} img/s (1 worker)", t1 / t2, ">=", 1.7,
+                raw=raw)]
+    if t2 > start:
+        rows.append(row("CRF", f"{what}, pool start-up ({start:.1f} s, measured apart) "
+                        "subtracted: the per-image scaling of a long run",
+                        f"{n / (t2 - start):.2f} img/s", f"{n / t1:.2f} img/s (1 worker)",
+                        t1 / (t2 - start), ">=", 1.7, raw=raw))
+    return rows
+
+
+def _bytes_row(what: str, b: dict[str, Any]) -> Row:
+    return row("CAM bytes", f"{what}: {b['own_classes_per_image']:.2f} own classes/image, "
+               f"{b['stored_per_class_map']:,.0f} B per stored class map; reference float32 × "
+               f"{b['classes']} maps × H × W (with a background map: "
+               f"{b['full_with_background_per_image']:,.0f} B)",
+               f"{b['stored_per_image']:,.0f} B/image",
+               f"{b['full_per_image']:,.0f} B/image", b["ratio"], "<=", 0.02,
+               goal="≤ 1/50", raw=b)
+
+
+def part_cam_bytes(ctx: Context) -> list[Row]:
+    from stages import cams as cams_stage
+
+    params, prepared, _ = ctx.realistic()
+    size = params.cams.store_size
+    rows = [_bytes_row(f"embedded 6 classes, {REALISTIC} px, store_size {size}, untrained",
+                       inf.cam_bytes(prepared, ctx.realistic_cams()))]
+    base = load_params(ctx.params_file, ctx.overrides)
+    over = [*ctx.overrides, *synthetic_overrides(base, REALISTIC, ctx.n(4, 32), 2, VOC_NAMES)]
+    voc_params, voc_prepared, voc_model = ctx.synthetic("voc20", over)
+    recipe_size = load_params(VOC_RECIPE).cams.store_size
+    for store_size in dict.fromkeys([size, recipe_size]):
+        p = voc_params.model_copy(deep=True)
+        p.cams.store_size = store_size
+        store = ctx.tmp / "voc20" / f"cams-{store_size}.zarr"
+        cams_stage.run(p, voc_prepared, voc_model, store, Shard())
+        src = "VOC recipe's" if store_size == recipe_size else "profile's"
+        rows.append(_bytes_row(f"VOC-like 20 classes (+ background = 21), {REALISTIC} px, "
+                               f"{src} store_size {store_size}, untrained",
+                               inf.cam_bytes(voc_prepared, store)))
+    trained, ws_prepared = ROOT / "artifacts" / "cams.zarr", ROOT / "artifacts" / "prepared"
+    if (trained / "COMPLETE").is_file():
+        try:
+            rows.append(_bytes_row("workspace artifacts/cams.zarr (trained model, as last "
+                                   "built)", inf.cam_bytes(ws_prepared, trained)))
+        except Exception as exc:  # noqa: BLE001 - an optional extra row
+            rows.append(Row("CAM bytes", "workspace artifacts/cams.zarr",
+                            status=status_error(exc)))
+    return rows
+
+
+def _timed_cmd(cmd: list[str], repo: Path) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600)
+    return time.perf_counter() - start, done
+
+
+def part_dvc(ctx: Context) -> list[Row]:
+    secs, st = _timed_cmd(["dvc", "status", "--json"], ctx.args.repo)
+    if st.returncode:
+        raise RuntimeError(f"dvc status failed: {(st.stderr or st.stdout).strip()[-300:]}")
+    changed = json.loads(st.stdout or "{}")
+    rows = [row("dvc", "`dvc status` (nothing changed)" if not changed else "`dvc status`",
+                f"{secs:.2f} s")]
+    if changed:
+        rows.append(Row("dvc", "`dvc repro` with nothing changed", goal="≤ 2 s",
+                        status="not measured: pipeline not up to date (run dvc repro first); "
+                        f"changed: {', '.join(changed)}"))
+        return rows
+    secs, rp = _timed_cmd(["dvc", "repro"], ctx.args.repo)
+    if rp.returncode:
+        raise RuntimeError(f"dvc repro failed: {(rp.stderr or rp.stdout).strip()[-300:]}")
+    ran = [ln for ln in rp.stdout.splitlines() if ln.startswith("Running stage")]
+    rows.append(row("dvc", f"`dvc repro` with nothing changed (stages run: {len(ran)})",
+                    f"{secs:.2f} s", value=secs, op="<=", bound=2.0, goal="≤ 2 s"))
+    return rows
+
+
+def run_child(ctx: Context, spec: dict[str, Any]) -> dict[str, Any]:
+    return train_child.run({**spec, "threads": ctx.args.threads}, ctx.args.mem_limit_gb)
+
+
+def voc_recipe(ctx: Context, size: int, n_train: int, n_val: int,
+               extra: list[str] = ()) -> tuple[Params, Path, list[str]]:
+    """The VOC recipe (ViT-B/16 at 448, batch 4) on synthetic ``size`` px data with the VOC
+    class names, random init; (params, prepared dataset, overrides of recipes/voc.yaml)."""
+    base = load_params(VOC_RECIPE)
+    over = [*synthetic_overrides(base, size, n_train, n_val, VOC_NAMES), *extra]
+    params = load_params(VOC_RECIPE, over)
+    key = f"voc-{size}-{n_train}-{n_val}"
+    if key not in ctx.cache:
+        ctx.cache[key] = prepare(params, ctx.tmp / key)
+    return params, ctx.cache[key], over
+
+
+def _gib(n: float | None) -> str | None:
+    return None if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _memory_row(what: str, r: dict[str, Any]) -> Row:
+    gpu = f", GPU max allocated {_gib(r['peak_gpu'])}" if r["peak_gpu"] is not None else ""
+    return row("memory", f"{what} ({r['device']}, {r['steps']} timed + {r['warmup']} warm-up "
+               f"steps, every term on){gpu}", f"{_gib(r['peak_rss'])} RSS", raw=r)
+
+
+def _attempt(part: str, what: str, fn) -> list[Row]:
+    """``fn()``'s rows, or one row with its error: one failure keeps the part's other rows."""
+    try:
+        return fn()
+    except train_child.MemoryLimit as exc:
+        return [Row(part, what, f"> {_gib(exc.limit)} RSS", status=f"info: {exc}")]
+    except Exception as exc:  # noqa: BLE001 - reported in the row
+        return [Row(part, what, status=status_error(exc))]
+
+
+def part_memory(ctx: Context) -> list[Row]:
+    base = load_params(ctx.params_file, ctx.overrides)
+    what = (f"train, default profile (batch {base.train.batch_size}, crop "
+            f"{base.model.crop_size})")
+
+    def default() -> list[Row]:
+        prepared = prepare(base, ctx.tmp / "memory-default")
+        spec = {"params": str(ctx.params_file), "overrides": ctx.overrides,
+                "prepared": str(prepared), "warmup": 1, "steps": ctx.n(2, 10)}
+        return [_memory_row(what, run_child(ctx, spec))]
+
+    if ctx.quick:  # the recipe's ViT-B/16 at 448 takes minutes per step on a CPU
+        # 256: every cam_scale (0.5, 0.75, 1.5) gives a multiple of the patch size 16
+        size, n, extra = 256, 4, ["train.batch_size=1", "train.num_workers=0"]
+        voc_what = "train, VOC recipe REDUCED for --quick (ViT-B/16 at 256, batch 1)"
+    else:
+        size, n, extra = 448, 8, []
+        voc_what = "train, VOC recipe (ViT-B/16 at 448, batch 4, random init)"
+
+    def voc() -> list[Row]:
+        params, prepared, over = voc_recipe(ctx, size, n, 2, extra)
+        # 2 steps: the optimiser state exists from the end of the first
+        spec = {"params": str(VOC_RECIPE), "overrides": over, "prepared": str(prepared),
+                "warmup": 0, "steps": ctx.n(1, 2)}
+        return [_memory_row(voc_what, run_child(ctx, spec))]
+
+    return _attempt("memory", what, default) + _attempt("memory", voc_what, voc)
+
+
+def part_gpu(ctx: Context) -> list[Row]:
+    if not torch.cuda.is_available():
+        return [Row("GPU", "VOC recipe s/it, peak GPU memory, cams/segment throughput",
+                    goal="≤ 0.5 s/it (H100)", status="not measured: no CUDA device")]
+    params, prepared, over = voc_recipe(ctx, 448, ctx.n(8, 64), ctx.n(4, 32))
+    tp = params.train
+    fill = tp.reservoir_capacity // tp.keys_per_step  # warm up until the reservoir is full
+    steps = ctx.n(5, 50)
+    r = run_child(ctx, {"params": str(VOC_RECIPE), "overrides": over,
+                              "prepared": str(prepared), "warmup": ctx.n(3, fill),
+                              "steps": steps})
+    rows = [row("GPU", f"VOC recipe train, s/it over {steps} iterations after {r['warmup']} "
+                f"warm-up (reservoir full), ViT-B/16 at 448, batch 4, bf16, {r['device']}",
+                f"{r['sec_per_iter']:.3f} s/it", value=r["sec_per_iter"], op="<=", bound=0.5,
+                goal="≤ 0.5 s/it (H100-class)", raw=r),
+            row("GPU", "VOC recipe train, peak GPU memory (max allocated)", _gib(r["peak_gpu"]))]
+    model = untrained_checkpoint(params, prepared, ctx.tmp / "voc-gpu-model.pt")
+    return rows + _throughput_rows("VOC recipe network (ViT-B/16, untrained)", params,
+                                   prepared, model, ctx.tmp / "voc-gpu")
+
+
+PARTS = {"train_step": part_train_step, "inference": part_inference, "crf": part_crf,
+         "cam_bytes": part_cam_bytes, "dvc": part_dvc, "memory": part_memory, "gpu": part_gpu}
+
+
+# --------------------------------------------------------------------------- report
+def status_error(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return f"error: {exc.__class__.__name__}: {text[:300]}"
+
+
+HEADERS = ["part", "what", "measured", "reference", "ratio", "goal", "status"]
+
+
+def table_rows(rows: list[Row]) -> list[list[Any]]:
+    return [[r.part, r.what, r.measured, r.reference, ratio_text(r.ratio), r.goal, r.status]
+            for r in rows]
+
+
+def render(head: dict[str, Any], rows: list[Row], seconds: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items())
+    return ("# Speed benchmark\n\n" + benchlib.header_markdown(head) +
+            f"- part durations: {parts}\n\n" + benchlib.md_table(HEADERS, table_rows(rows)))
+
+
+def run_parts(ctx: Context, names: list[str]) -> tuple[list[Row], dict[str, float]]:
+    rows, seconds = [], {}
+    for name in names:
+        start = time.perf_counter()
+        try:
+            got = PARTS[name](ctx)
+        except Exception as exc:  # noqa: BLE001 - a failing part reports in its row
+            if ctx.args.debug:
+                traceback.print_exc()
+            got = [Row(name, "(part failed)", status=status_error(exc))]
+        seconds[name] = time.perf_counter() - start
+        for r in got:
+            print(f"[{name}] {r.what}: {r.measured} vs {r.reference} → "
+                  f"{ratio_text(r.ratio)} goal {r.goal}: {r.status}", flush=True)
+        rows += got
+    return rows, seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="shrink every part (~2 min smoke run)")
+    ap.add_argument("--out", type=Path, help="output stem: <out>.md and <out>.json "
+                    "(default bench/results/speed, --quick: bench/results/speed-quick)")
+    ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    help="params override for the default-profile parts (repeatable)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"subset of {','.join(PARTS)}")
+    ap.add_argument("--repo", type=Path, default=ROOT,
+                    help="the DVC repository whose no-op `dvc repro` is timed")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--mem-limit-gb", type=float, default=0.0,
+                    help="stop a training process whose RSS passes this (0: 85 %% of the "
+                    "memory available at its start)")
+    ap.add_argument("--keep", type=Path, help="keep the scratch data in this folder")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of a failed part")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n for n in args.parts.split(",") if n]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown:
+        ap.error(f"unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+    out = args.out or ROOT / "bench" / "results" / ("speed-quick" if args.quick else "speed")
+    head = benchlib.run_header()
+    with tempfile.TemporaryDirectory(prefix="seco-speed-") as tmp:
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows, seconds = run_parts(Context(args, folder), names)
+    md = render(head, rows, seconds)
+    print("\n" + md)
+    benchlib.write_text(out.with_suffix(".md"), md)
+    benchlib.write_json(out.with_suffix(".json"), {**head, "quick": args.quick,
+                                                   "part_seconds": seconds,
+                                                   "rows": [asdict(r) for r in rows]})
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
