@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,16 @@ def prepared(tmp_path: Path, tiny: Params) -> Path:
     out = tmp_path / "prepared"
     prepare.run(tiny, out, tmp_path / "prepare.json")
     return out
+
+
+def one_error_line(result, progress: re.Pattern[str], *needles: str) -> str:
+    """The user sees exactly one line `error: ...`, exit code 2 and no traceback; the only
+    other output allowed is a progress bar's last frame, as ``progress`` matches it. Each of
+    ``needles`` is in the line; returns the line."""
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip() and not progress.fullmatch(ln)]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -26,7 +26,7 @@ from seco_cli.data.sources import coco, folder
 from seco_cli.errors import DataError, SecoError
 from seco_cli.params import PrepareParams
 from seco_cli.store import StoreWriter
-from tests.conftest import ROOT, tiny_params
+from tests.conftest import ROOT, one_error_line, tiny_params
 
 runner = CliRunner()
 
@@ -71,15 +71,7 @@ PROGRESS = re.compile(r"prepare \([\w-]+\) [━╸╺ ]+ *\d+/\d+ .*")
 
 
 def _one_line(result, *needles: str) -> str:
-    """The user sees exactly one line `error: ...` and exit code 2, no traceback; the only
-    other output allowed is the progress bar's last frame (``prepare (folder) ━━━ 2/4``)."""
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and not PROGRESS.fullmatch(ln)]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(result, PROGRESS, *needles)
 
 
 def _nothing_written(out: Path, metrics: Path) -> None:

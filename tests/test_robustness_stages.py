@@ -20,7 +20,7 @@ from seco_cli.cli import app
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.errors import SecoError, WriteError
 from seco_cli.models.network import SeCoNet
-from tests.conftest import ROOT, TINY, tiny_params
+from tests.conftest import ROOT, TINY, one_error_line, tiny_params
 
 runner = CliRunner()
 
@@ -37,14 +37,7 @@ PROGRESS = re.compile(r"(\S )?[a-z]+( \([\w-]+\))? ([━╸╺ ]+ *\d+/\d+|\d+ i
 
 
 def _one_line(result, *needles: str) -> str:
-    """Exactly one line `error: ...` (besides a progress frame), exit 2, no traceback."""
-    assert result.exit_code == 2, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip() and not PROGRESS.fullmatch(ln)]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
+    return one_error_line(result, PROGRESS, *needles)
 
 
 # --------------------------------------------------------------------------- stage order
