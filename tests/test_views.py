@@ -16,6 +16,7 @@ from seco_cli.data.views import (
     gaussian_blur,
     global_view,
     grayscale,
+    random_color_jitter,
     random_resized_boxes,
     resized_crop,
     strong_view,
@@ -84,6 +85,31 @@ def test_strong_view_applies_ops_to_some_samples_only():
     out = strong_view(x, _gen(1), p_jitter=0.5, p_gray=0.0, p_blur=0.0)
     changed = (out != x).flatten(1).any(dim=1)
     assert 10 < int(changed.sum()) < 54  # ~Binomial(64, 0.5)
+
+
+@pytest.mark.parametrize("jitter", [(0.4, 0.4, 0.2, 0.1), (0.4, 0.0, 0.2, 0.0)])
+def test_color_jitter_runs_each_sample_through_its_own_op_order(jitter):
+    """Per sample, as torchvision: with probability p the four ops in a random order, each
+    with its own factor; magnitude-0 ops skipped; the draws (apply, u, order) in that order."""
+    x = _images(b=48)
+    out = random_color_jitter(x, _gen(3), jitter, p=0.7)
+    g = _gen(3)
+    apply = torch.rand(48, generator=g) < 0.7
+    u = torch.rand(48, 4, generator=g)
+    order = torch.rand(48, 4, generator=g).argsort(dim=1)
+    lo = torch.tensor([max(0.0, 1 - m) for m in jitter[:3]] + [-jitter[3]])
+    hi = torch.tensor([1 + m for m in jitter[:3]] + [jitter[3]])
+    factors = lo + (hi - lo) * u
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    assert 20 < int(apply.sum()) < 48
+    for i in range(48):
+        ref = x[i:i + 1]
+        if apply[i]:
+            for j in order[i].tolist():
+                if jitter[j] > 0:
+                    ref = ops[j](ref, factors[i:i + 1, j])
+        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-6, rtol=0)
+    assert torch.equal(out[~apply], x[~apply])
 
 
 # ---------------------------------------------------------------- global view

@@ -93,9 +93,10 @@ def random_color_jitter(x: torch.Tensor, generator: torch.Generator, jitter: Jit
     """torchvision ``RandomApply([ColorJitter(*jitter)], p)`` per sample.
 
     Factors: brightness / contrast / saturation uniform in [max(0, 1 − m), 1 + m], hue shift
-    uniform in [−m, m]; the four ops run in a per-sample random order (each step evaluates
-    every op on the batch and keeps, per sample, the one its order names). An op of
-    magnitude 0 is skipped, as torchvision does.
+    uniform in [−m, m]; the four ops run in a per-sample random order. Each op runs once per
+    step on just the samples whose order names it (a gather), so every jittered sample costs
+    its four ops and an unjittered one nothing. An op of magnitude 0 is skipped, as
+    torchvision does.
     """
     b = x.shape[0]
     apply = _rand(generator, (b,), x.device) < p  # (B,)
@@ -106,14 +107,14 @@ def random_color_jitter(x: torch.Tensor, generator: torch.Generator, jitter: Jit
     lo = torch.tensor([max(0.0, 1 - m) for m in jitter[:3]] + [-jitter[3]], device=x.device)
     hi = torch.tensor([1 + m for m in jitter[:3]] + [jitter[3]], device=x.device)
     factors = lo + (hi - lo) * u  # (B, 4)
-    y = x
+    y = x.clone()
     for step in range(4):
-        out = y
         for j, op in enumerate(_JITTER_OPS):
             if jitter[j] > 0:
-                out = torch.where(_per_sample(order[:, step] == j), op(y, factors[:, j]), out)
-        y = out
-    return torch.where(_per_sample(apply), y, x)
+                idx = (apply & (order[:, step] == j)).nonzero().flatten()  # (k,)
+                if idx.numel():
+                    y[idx] = op(y[idx], factors[idx, j])
+    return y
 
 
 def random_grayscale(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
