@@ -41,21 +41,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 
 import benchlib  # noqa: E402
-import inference_speed as inf  # noqa: E402
-import train_child  # noqa: E402
-import train_step  # noqa: E402
 
-from seco_cli.checkpoint import save_atomic  # noqa: E402
-from seco_cli.data.prepared import PreparedDataset  # noqa: E402
-from seco_cli.params import Params, load_params  # noqa: E402
-from seco_cli.pool import resolve_workers  # noqa: E402
-from seco_cli.provenance import provenance  # noqa: E402
-from seco_cli.shards import Shard  # noqa: E402
+# The stages' CRF pools start workers with ``spawn``, and a spawned worker re-runs this
+# script's top-level imports (as ``__mp_main__``). torch and the measuring code load only
+# when this file runs as the program, so the pool start-up measured here is the stages' own
+# (their workers are torch-free), not this script's.
+if __name__ == "__main__":
+    import inference_speed as inf  # noqa: E402
+    import torch  # noqa: E402
+    import train_child  # noqa: E402
+    import train_step  # noqa: E402
+
+    from seco_cli.checkpoint import save_atomic  # noqa: E402
+    from seco_cli.data.prepared import PreparedDataset  # noqa: E402
+    from seco_cli.params import Params, load_params  # noqa: E402
+    from seco_cli.pool import resolve_workers  # noqa: E402
+    from seco_cli.provenance import provenance  # noqa: E402
+    from seco_cli.shards import Shard  # noqa: E402
 
 ROOT = benchlib.ROOT
 VOC_RECIPE = ROOT / "recipes" / "voc.yaml"

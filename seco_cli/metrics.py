@@ -119,7 +119,7 @@ def summarize(cm: ConfusionMatrix, class_names: Sequence[str]) -> dict[str, Any]
 class BkgSweep:
     """CAM seeds scored at several constant background scores in one pass over the images.
 
-    Equivalent to :func:`seco_cli.cams.cam_to_mask` at each threshold: a pixel takes the class
+    Equivalent to :func:`seco_cli.postprocess.cam_to_mask` at each threshold: a pixel takes the class
     of its highest score (first on ties) when that score is strictly above ``bkg``, else
     background.
     """

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from seco_cli.cams import resize_scores
 from seco_cli.data.images import voc_palette
+from seco_cli.postprocess import resize_scores
 
 COLUMNS = ("image", "ground truth", "CAM", "pseudo mask", "prediction")
 CAPTION = 14  # px: the strip under each panel and the header row

@@ -1,21 +1,20 @@
-"""Label refinement: PAR (pixel-adaptive refinement, SPEC §6, as in ToCo) and the dense CRF of
-inference (SPEC §8, pydensecrf).
+"""Label refinement with PAR (pixel-adaptive refinement, SPEC §6, as in ToCo), in torch.
 
 PAR diffuses class probabilities between pixels of similar colour: an affinity over the 8
 neighbours at each of several dilations, built once from the image, is applied ``iterations``
 times. Everything is plain torch with shifted slices of a replicate-padded tensor (no unfold,
 no conv kernels), on whatever device the inputs live.
 
-The dense CRF is a top-level function on numpy arrays so a process pool can pickle it.
+The dense CRF of inference (SPEC §8, pydensecrf) is numpy-only and lives in
+:mod:`seco_cli.postprocess` (:func:`~seco_cli.postprocess.dense_crf`), which the CRF pool's
+workers import without torch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -116,40 +115,3 @@ def par_refine(image: Tensor, probs: Tensor, dilations: Sequence[int] = PAR_DILA
     if p.shape[-2:] != size:
         p = F.interpolate(p, size=size, mode="bilinear", align_corners=False)
     return p
-
-
-def dense_crf(image: np.ndarray, probs: np.ndarray, iterations: int = 10,
-              gauss_sxy: float = 1.0, gauss_compat: float = 1.0, bilateral_sxy: float = 121.0,
-              bilateral_srgb: float = 5.0, bilateral_compat: float = 4.0,
-              clip: float = 1e-5) -> np.ndarray:
-    """Fully connected CRF (Krähenbühl & Koltun) over ``image`` (H, W, 3) uint8 RGB with the
-    unary ``-log(clip(probs))`` from ``probs`` (K, H, W); returns (K, H, W) float32 marginals.
-
-    Defaults are SPEC §8 (upstream): 10 iterations, Gaussian sxy 1 compat 1, bilateral sxy 121
-    srgb 5 compat 4. Top-level and numpy-only so a process pool can run it.
-    """
-    from pydensecrf import densecrf
-    from pydensecrf.utils import unary_from_softmax
-
-    h, w = image.shape[:2]
-    k = probs.shape[0]
-    if probs.shape[1:] != (h, w):
-        raise ValueError(f"probs {probs.shape} do not match image {image.shape}")
-    crf = densecrf.DenseCRF2D(w, h, k)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs, clip=clip)))  # (K, H·W)
-    crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
-    crf.addPairwiseBilateral(sxy=bilateral_sxy, srgb=bilateral_srgb,
-                             rgbim=np.require(image, np.uint8, ["C", "W"]),  # pydensecrf: writable
-                             compat=bilateral_compat)
-    q = crf.inference(iterations)
-    return np.asarray(q, dtype=np.float32).reshape(k, h, w)
-
-
-def crf_labels(image: np.ndarray, probs: np.ndarray, labels: Sequence[int],
-               **crf_kwargs: Any) -> np.ndarray:
-    """Dense CRF then argmax: (H, W) uint8 where channel k of ``probs`` maps to ``labels[k]``
-    (e.g. ``[0, *image_classes]``). ``crf_kwargs`` go to :func:`dense_crf`."""
-    if len(labels) != probs.shape[0]:
-        raise ValueError(f"{len(labels)} labels for {probs.shape[0]} channels")
-    lut = np.asarray(labels, dtype=np.uint8)
-    return lut[dense_crf(image, probs, **crf_kwargs).argmax(axis=0)]

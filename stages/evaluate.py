@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 
-from seco_cli.cams import resize_scores
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.errors import MissingInputError, SecoError
 from seco_cli.jsonio import write_json, write_text
@@ -46,6 +45,7 @@ from seco_cli.metrics import (
 )
 from seco_cli.params import Params
 from seco_cli.pictures import GridRow, sample_grid
+from seco_cli.postprocess import resize_scores
 from seco_cli.store import StoreReader, fresh_output_dir
 
 # segmentation store group (variant) → source name in the report

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from seco_cli.cams import cam_to_mask, fuse_cams
+from seco_cli.cams import fuse_cams
 from seco_cli.data.images import load_mask
 from seco_cli.data.prepared import PreparedDataset, Sample, write_prepared
 from seco_cli.errors import MissingInputError, SecoError
@@ -20,7 +20,7 @@ from seco_cli.inference import load_model, seg_variants
 from seco_cli.metrics import BkgSweep, best_threshold
 from seco_cli.models.network import SeCoNet
 from seco_cli.pictures import CAPTION, COLUMNS, GridRow, grid_size, sample_grid
-from seco_cli.postprocess import MaskSettings, pseudo_mask
+from seco_cli.postprocess import MaskSettings, cam_to_mask, pseudo_mask
 from seco_cli.shards import Shard, parse_shard, resolve_shard
 from seco_cli.store import COMPLETE, StoreReader, StoreWriter, open_writer
 from stages import cams as cams_stage

@@ -7,7 +7,6 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from seco_cli.cams import cam_to_mask
 from seco_cli.errors import SecoError
 from seco_cli.metrics import (
     BkgSweep,
@@ -19,6 +18,7 @@ from seco_cli.metrics import (
     resolve_pairs,
     summarize,
 )
+from seco_cli.postprocess import cam_to_mask
 
 ABC = ["background", "a", "b"]
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from seco_cli.losses.crf import crf_energy, crf_energy_exact, crf_energy_window
-from seco_cli.refine import crf_labels, dense_crf, neighbour_offsets, par_refine
+from seco_cli.postprocess import crf_labels, dense_crf
+from seco_cli.refine import neighbour_offsets, par_refine
 
 
 @pytest.fixture(autouse=True, scope="module")
