@@ -52,10 +52,10 @@ def _path(help_text: str) -> Any:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _execute(params_file: Path, overrides: list[str] | None, debug: bool,
-             body: Callable[[Params], dict[str, Any]]) -> None:
-    """Load params, run a stage body, turn user errors into one line and exit code 2."""
-    command = sys._getframe(1).f_code.co_name  # the Typer command that called us: `seco <it>`
+def _execute(command: str, params_file: Path, overrides: list[str] | None, debug: bool,
+              body: Callable[[Params], dict[str, Any]]) -> None:
+    """Load params, run the body of ``seco <command>``, turn user errors into one line and
+    exit code 2."""
     try:
         params = load_params(params_file, overrides or [])
         result = body(params)
@@ -103,7 +103,7 @@ def prepare(
     """Convert the source dataset (data.source) into the canonical prepared dataset."""
     from stages import prepare as stage
 
-    _execute(params, set_, debug,
+    _execute("prepare", params, set_, debug,
              lambda p: stage.run(p, out, metrics, RichProgress(err_console))["splits"])
 
 
@@ -125,7 +125,7 @@ def train(
     """
     from stages import train as stage
 
-    _execute(params, set_, debug, lambda p: stage.run(
+    _execute("train", params, set_, debug, lambda p: stage.run(
         p, prepared, model, live, checkpoints, resume, RichProgress(err_console)))
 
 
@@ -142,7 +142,7 @@ def cams(
     """Compute CAM seeds (scales + flip) for the train split."""
     from stages import cams as stage
 
-    _execute(params, set_, debug, lambda p: stage.run(
+    _execute("cams", params, set_, debug, lambda p: stage.run(
         p, prepared, model, out, resolve_shard(shard), RichProgress(err_console)))
 
 
@@ -160,7 +160,7 @@ def pseudo(
     """Turn CAM seeds into pseudo masks (background score, optional PAR, dense CRF)."""
     from stages import pseudo as stage
 
-    _execute(params, set_, debug, lambda p: stage.run(
+    _execute("pseudo", params, set_, debug, lambda p: stage.run(
         p, prepared, cams, out, png_dir, resolve_shard(shard), RichProgress(err_console)))
 
 
@@ -178,7 +178,7 @@ def segment(
     """Segment the eval split: variants raw (scale 1) and ms_crf (scales + flip + CRF)."""
     from stages import segment as stage
 
-    _execute(params, set_, debug, lambda p: stage.run(
+    _execute("segment", params, set_, debug, lambda p: stage.run(
         p, prepared, model, out, png_dir, resolve_shard(shard), RichProgress(err_console)))
 
 
@@ -201,7 +201,7 @@ def evaluate(
         with RichProgress(err_console).counter("evaluate") as advance:
             return stage.run(p, prepared, cams, pseudo, segment, metrics, plots, advance)
 
-    _execute(params, set_, debug, body)
+    _execute("evaluate", params, set_, debug, body)
 
 
 def main() -> None:

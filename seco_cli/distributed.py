@@ -3,8 +3,10 @@ the data, and the few collectives the method needs.
 
 ``torchrun --nproc_per_node N -m seco_cli.cli train`` (or ``$(which seco)`` where ``seco`` is
 a Python console script) sets ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and
-``MASTER_PORT``. :func:`session` is where training reads them (the inference stages, which
-need no process group, read them in :mod:`seco_cli.shards`): it joins the process group (gloo
+``MASTER_PORT``. :func:`session` learns rank, world size and local rank from
+:func:`seco_cli.shards.resolve_shard` (the one reader of the launcher's environment, shared
+with the inference stages, which need no process group; torch.distributed itself reads the
+master address): it joins the process group (gloo
 on CPU, nccl on CUDA) and gives each rank its device (``cuda:LOCAL_RANK`` for
 ``cuda``/``auto`` when GPUs exist). Everything else asks :func:`rank`, :func:`world_size` or
 :func:`is_main_process`, which read ``torch.distributed``.
@@ -16,7 +18,6 @@ program without this module.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from seco_cli.device import resolve_device
+from seco_cli.shards import resolve_shard
 
 
 def _active() -> bool:
@@ -49,13 +51,13 @@ def is_main_process() -> bool:
 def session(device_name: str, where: str) -> Iterator[torch.device]:
     """Join the process group torchrun asked for, for the duration of a stage; yields the
     rank's device. A group that already exists (started by a caller) is used and left open."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if _active() or not launched:
+    launcher = resolve_shard(None)  # torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else 0/1
+    if _active() or launcher.count == 1:
         several = _active() and world_size() > 1
-        local = int(os.environ.get("LOCAL_RANK", rank())) if several else None
-        yield resolve_device(device_name, where, local_rank=local)
+        local = launcher.local_rank if launcher.local_rank is not None else rank()
+        yield resolve_device(device_name, where, local_rank=local if several else None)
         return
-    device = resolve_device(device_name, where, local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name, where, local_rank=launcher.local_rank or 0)
     if device.type == "cuda":  # nccl, each rank bound to its GPU before the group forms
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
