@@ -2,10 +2,13 @@
 
 A store is a Zarr v3 group holding one array per image (named by the image id), each one
 chunk, so an image costs a constant number of files (its ``zarr.json`` and one chunk) and DVC
-hashing stays fast. CAMs are float16 and compressed, masks uint8. The group attributes record
-what made the store (params, seed, package version, git revision). A store may also hold named
-sub-groups declared when it is created (``groups``), each again one array per image: the
-segmentation's ``raw/<id>`` and ``ms_crf/<id>``, the auxiliary CAMs ``aux/<id>``.
+hashing stays fast. Chunk keys use the ``.`` separator (``<id>/c.0.0``, not ``<id>/c/0/0``):
+an image is then one folder instead of three or four, and DVC, which pays per folder it walks,
+checks a no-op ``dvc repro`` about a third faster (stores written with ``/`` still read). CAMs
+are float16 and compressed, masks uint8. The group attributes record what made the store
+(params, seed, package version, git revision). A store may also hold named sub-groups
+declared when it is created (``groups``), each again one array per image: the segmentation's
+``raw/<id>`` and ``ms_crf/<id>``, the auxiliary CAMs ``aux/<id>``.
 
 A store is *complete* only when the marker file ``COMPLETE`` exists; it is written by
 :meth:`StoreWriter.finish` after every image is in (and, when sharded, after every shard
@@ -40,6 +43,8 @@ COMPLETE = "COMPLETE"
 _KIND_ATTR = "seco_store"
 SHARD_WAIT_S = 600.0  # how long shard i > 0 waits for shard 0 to create the store
 _POLL_S = 0.2
+# the chunk file sits in the array's folder: one folder per image (see the module doc)
+_CHUNK_KEYS = {"name": "default", "separator": "."}
 
 
 def _check_id(image_id: str) -> str:
@@ -148,7 +153,7 @@ class StoreWriter:
         arr = parent.create_array(
             _check_id(image_id), shape=array.shape, dtype=array.dtype,
             chunks=tuple(max(1, d) for d in array.shape), compressors=compressor, overwrite=True,
-            fill_value=0,
+            fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
         )
         arr[...] = array
         if attrs:

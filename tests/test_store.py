@@ -28,13 +28,19 @@ def test_round_trip_float16_and_uint8(tmp_path: Path):
     assert r.attrs["seed"] == 3 and r.attrs["params"] == {"a": 1}
 
 
-def test_file_count_is_constant_per_image(tmp_path: Path):
+def test_file_and_folder_count_is_constant_per_image(tmp_path: Path):
     w = StoreWriter(tmp_path / "s.zarr", "masks", {})
     for i in range(10):
         w.write(f"im{i}", np.ones((16, 16), np.uint8))
+        w.write(f"cam{i}", np.ones((2, 16, 16), np.float32))
     w.finish()
     files = [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()]
-    assert len(files) == 10 * 2 + 3  # per image: zarr.json + one chunk; group json + 2 markers
+    assert len(files) == 20 * 2 + 3  # per image: zarr.json + one chunk; group json + 2 markers
+    # one folder per image, the chunk beside its zarr.json (DVC's no-op check pays per folder)
+    folders = [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_dir()]
+    assert len(folders) == 20
+    assert (tmp_path / "s.zarr" / "im0" / "c.0.0").is_file()
+    assert (tmp_path / "s.zarr" / "cam0" / "c.0.0.0").is_file()
 
 
 def test_interrupted_store_is_refused(tmp_path: Path):
