@@ -7,7 +7,7 @@ Prints, for a prepared dataset and a trained model:
   throughput at the same scales and flips on preloaded batches, and their ratio;
 - the pseudo stage (PAR/CRF as in the params) with 1 worker and with ``--workers`` workers:
   times and speed-up;
-- CAM bytes per image as stored (float16, own classes, compressed, on disk) against float32
+- CAM bytes per image as stored (``cams.dtype``, own classes, compressed, on disk) against float32
   full-resolution maps of every class.
 
     OMP_NUM_THREADS=1 python bench/inference_speed.py --prepared artifacts/prepared \\
@@ -197,9 +197,9 @@ def main() -> None:
         print(f"pseudo   speed-up {args.workers} workers vs 1: "
               f"{times[1] / times[args.workers]:.2f}×")
     b = cam_bytes(args.prepared, out / "cams.zarr")
-    print(f"CAM bytes/image: stored {b['stored_per_image']:,.0f} (float16, own classes, "
-          f"compressed, store_size {params.cams.store_size}) vs float32 all {b['classes']} "
-          f"classes at full resolution {b['full_per_image']:,.0f}: "
+    print(f"CAM bytes/image: stored {b['stored_per_image']:,.0f} ({params.cams.dtype}, own "
+          f"classes, compressed, store_size {params.cams.store_size}) vs float32 all "
+          f"{b['classes']} classes at full resolution {b['full_per_image']:,.0f}: "
           f"{1 / b['ratio']:.1f}× smaller")
 
 

@@ -271,6 +271,7 @@ class CamsParams(_Section):
     flip: bool = True
     aux: bool = False  # also store the auxiliary CAMs (group `aux` of the store)
     store_size: int = Field(0, ge=0)  # longest stored side in pixels; 0 = original size
+    dtype: Literal["uint8", "float16"] = "uint8"  # stored CAMs: q/255 (error ≤ 1/510) or float16
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
 

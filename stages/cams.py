@@ -1,5 +1,6 @@
 """Stage `cams`: CAM seeds of the train split (scales + flip fused as SPEC §3.2) → Zarr,
-float16, only the image's own classes, at ``cams.store_size``.
+``cams.dtype`` (uint8 levels q/255 or float16), only the image's own classes, at
+``cams.store_size``.
 
 The final CAMs are the store's root arrays (``<id>``); with ``cams.aux`` the auxiliary CAMs,
 made alike from the same forward pass, go to the group ``aux`` (``aux/<id>``). Sharded runs
@@ -30,7 +31,7 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
     cp = params.cams
     inf = setup(params, prepared, model, cp.device, "cams.device",
                 cp.split or params.data.train_split, shard)
-    attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux}
+    attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux, "dtype": cp.dtype}
     writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
                          groups=[AUX] if cp.aux else [])
     fn = cam_fn(inf.net, cp.aux)
@@ -50,7 +51,7 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
             for cam, group in zip(maps, [None, AUX], strict=False):
                 scores = cam[k, [c - 1 for c in own]]  # (K, crop, crop), K = own classes
                 writer.write(image_id, to_original(scores, stored).clip(0, 1), {"labels": own},
-                             group=group)
+                             group=group, dtype=cp.dtype)
     complete = writer.finish()
     return {"images": len(inf.ids), "split": inf.split, "shard": str(shard), "complete": complete}
 

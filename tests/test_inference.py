@@ -184,9 +184,36 @@ def test_cams_stage_stores_own_classes_and_aux(case):
         final, attrs = store.read_with_attrs(image_id)
         aux, aux_attrs = store.read_with_attrs(image_id, "aux")
         assert attrs["labels"] == aux_attrs["labels"] == data.labels(image_id)
-        assert final.dtype == aux.dtype == np.float16
+        assert final.dtype == aux.dtype == np.float32  # uint8 levels (cams.dtype) read as q/255
+        assert np.array_equal(final * 255, np.rint(final * 255))
         assert final.shape == aux.shape == (len(attrs["labels"]), 24, 24)
         assert not np.array_equal(final, aux) or final.size == 0
+
+
+def test_uint8_cams_give_the_pseudo_masks_of_float16(case):
+    root = case["root"]
+    data = PreparedDataset(case["prepared"])
+    for dtype in ("float16", "uint8"):
+        _run_cams(case, root / f"cams_{dtype}.zarr", Shard(), f"cams.dtype={dtype}")
+    half, eight = (StoreReader(root / f"cams_{d}.zarr", "cams") for d in ("float16", "uint8"))
+    assert half.ids() == eight.ids()
+    differ = total = 0
+    for image_id in half.ids():
+        a, attrs = half.read_with_attrs(image_id)
+        b, _ = eight.read_with_attrs(image_id)
+        assert a.dtype == np.float16 and b.dtype == np.float32
+        assert a.shape == b.shape
+        assert np.abs(a.astype(np.float32) - b).max(initial=0) <= 1 / 510 + 1 / 2048
+        size = data.image_size(image_id)
+        ma = cam_to_mask(a, attrs["labels"], 0.45, size)
+        mb = cam_to_mask(b, attrs["labels"], 0.45, size)
+        differ, total = differ + int((ma != mb).sum()), total + ma.size
+    assert differ / total < 0.005
+    assert _store_bytes(root / "cams_uint8.zarr") < _store_bytes(root / "cams_float16.zarr")
+
+
+def _store_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("c.*") if p.is_file())
 
 
 def test_two_shards_equal_one_process_cams_pseudo_segment(case):

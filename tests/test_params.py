@@ -30,6 +30,9 @@ def test_override_types_are_parsed():
     assert p.train.cam_scales == [1.0, 0.5]
     assert p.model.pretrained == "/tmp/w.pth"
     assert p.cams.flip is False
+    assert p.cams.dtype == "uint8"  # the default; recipes inherit it
+    assert load_params(ROOT / "recipes" / "voc.yaml").cams.dtype == "uint8"
+    assert load_params(ROOT / "params.yaml", ["cams.dtype=float16"]).cams.dtype == "float16"
 
 
 @pytest.mark.parametrize(
@@ -49,6 +52,7 @@ def test_override_types_are_parsed():
         ("train.reservoir_capacity=100", "must be a multiple of the keys per step"),
         ("train.patch_size=128", "larger than the crop"),
         ("train.preset=nosuch", "'train.preset'"),
+        ("cams.dtype=float32", "'cams.dtype'"),
         ("train.ptc_low=0.9", "train.ptc_low (0.9) must be <= train.ptc_high"),
     ],
 )

@@ -28,6 +28,45 @@ def test_round_trip_float16_and_uint8(tmp_path: Path):
     assert r.attrs["seed"] == 3 and r.attrs["params"] == {"a": 1}
 
 
+def test_uint8_cams_round_trip_within_half_a_level(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    cam = rng.random((3, 40, 50)).astype(np.float32)
+    cam[0, 0, :4] = [0.0, 1.0, -0.2, 1.3]  # the ends, and values outside [0, 1] are clipped
+    w = StoreWriter(tmp_path / "s.zarr", "cams", {})
+    w.write("a", cam, {"labels": [2, 3, 5]}, dtype="uint8")
+    w.write("empty", np.zeros((0, 4, 4), np.float32), {"labels": []}, dtype="uint8")
+    w.finish()
+    assert (tmp_path / "s.zarr" / "a" / "zarr.json").read_text().count('"uint8"') == 1
+    r = StoreReader(tmp_path / "s.zarr", "cams")
+    got, attrs = r.read_with_attrs("a")
+    assert got.dtype == np.float32 and attrs == {"labels": [2, 3, 5]}  # divide_by is internal
+    np.testing.assert_array_equal(got, r.read("a"))
+    assert np.abs(got - np.clip(cam, 0, 1)).max() <= 1 / 510 + 1e-7
+    assert got[0, 0, :4].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert np.array_equal(got * 255, np.rint(got * 255))  # exactly the levels q / 255
+    assert r.read("empty").shape == (0, 4, 4) and r.read("empty").dtype == np.float32
+
+
+def test_uint8_store_is_smaller_than_float16_on_the_same_cams(tmp_path: Path):
+    # smooth CAM-like maps (blobs), the case compression meets in practice
+    yy, xx = np.mgrid[0:96, 0:128] / 96.0
+    cam = np.stack([np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) * 8)
+                    for cy, cx in [(0.3, 0.4), (0.7, 1.0)]]).astype(np.float32)
+    size = {}
+    for dtype in ("float16", "uint8"):
+        w = StoreWriter(tmp_path / f"{dtype}.zarr", "cams", {})
+        w.write("a", cam, {"labels": [1, 2]}, dtype=dtype)
+        w.finish()
+        size[dtype] = (tmp_path / f"{dtype}.zarr" / "a" / "c.0.0.0").stat().st_size
+    assert size["uint8"] < size["float16"]
+
+
+def test_unknown_float_dtype_is_refused(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "cams", {})
+    with pytest.raises(ValueError, match="uint8"):
+        w.write("a", np.zeros((1, 2, 2), np.float32), dtype="float32")
+
+
 def test_file_and_folder_count_is_constant_per_image(tmp_path: Path):
     w = StoreWriter(tmp_path / "s.zarr", "masks", {})
     for i in range(10):
