@@ -171,7 +171,7 @@ class TrainParams(_Section):
     cam_scales: list[float] = [1.0, 0.5, 1.5]
     cam_high: float = Field(0.7, ge=0, le=1)
     cam_low: float = Field(0.25, ge=0, le=1)
-    cam2mask: int = Field(300, ge=0)  # aux CAM before this iteration, final CAM after
+    cam2mask: int = Field(1500, ge=0)  # aux CAM before this iteration, final CAM after
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)
@@ -269,6 +269,9 @@ class CamsParams(_Section):
     split: str | None = None  # default: data.train_split
     scales: list[float] = [1.0]
     flip: bool = True
+    # the seed CAM (store root): auto = the CAM training's online labels came from at its end
+    # (aux when train.cam2mask >= train.iterations, else final; SPEC §3.2, §8)
+    source: Literal["auto", "final", "aux"] = "auto"
     aux: bool = False  # also store the auxiliary CAMs (group `aux` of the store)
     store_size: int = Field(0, ge=0)  # longest stored side in pixels; 0 = original size
     dtype: Literal["uint8", "float16"] = "uint8"  # stored CAMs: q/255 (error ≤ 1/510) or float16
@@ -279,6 +282,14 @@ class CamsParams(_Section):
     def _check(self) -> CamsParams:
         _check_scales(self.scales, "cams.scales")
         return self
+
+
+def seed_cam_source(params: Params) -> str:
+    """``final`` or ``aux``: the CAM the cams stage stores as seeds (``cams.source``; ``auto``
+    follows training, whose online CAM is the auxiliary one until ``train.cam2mask``)."""
+    if params.cams.source != "auto":
+        return params.cams.source
+    return "aux" if params.train.cam2mask >= params.train.iterations else "final"
 
 
 class CrfParams(_Section):

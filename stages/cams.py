@@ -2,8 +2,11 @@
 ``cams.dtype`` (uint8 levels q/255 or float16), only the image's own classes, at
 ``cams.store_size``.
 
-The final CAMs are the store's root arrays (``<id>``); with ``cams.aux`` the auxiliary CAMs,
-made alike from the same forward pass, go to the group ``aux`` (``aux/<id>``). Sharded runs
+The seed CAMs are the store's root arrays (``<id>``): the final classifier's, or the auxiliary
+classifier's when ``cams.source`` says so (``auto``: the CAM training's online labels came from
+at its last iteration, see :func:`seco_cli.params.seed_cam_source`; recorded as the store's
+``source`` attribute). With ``cams.aux`` the auxiliary CAMs, made alike from the same forward
+pass, also go to the group ``aux`` (``aux/<id>``). Sharded runs
 (``shard``) write their share of the ids into the one store.
 """
 
@@ -17,7 +20,7 @@ import torch
 
 from seco_cli.cams import fuse_cams, normalise_cams
 from seco_cli.inference import cam_fn, setup, stored_size, to_original
-from seco_cli.params import Params
+from seco_cli.params import Params, seed_cam_source
 from seco_cli.progress import Progress, Silent
 from seco_cli.shards import Shard
 from seco_cli.store import open_writer
@@ -31,10 +34,13 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
     cp = params.cams
     inf = setup(params, prepared, model, cp.device, "cams.device",
                 cp.split or params.data.train_split, shard)
-    attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux, "dtype": cp.dtype}
+    source = seed_cam_source(params)
+    attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux, "dtype": cp.dtype,
+             "source": source}
     writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
                          groups=[AUX] if cp.aux else [])
-    fn = cam_fn(inf.net, cp.aux)
+    both = cp.aux or source == "aux"
+    fn = cam_fn(inf.net, both)
     size = (inf.crop, inf.crop)
     total = -(-len(inf.ids) // cp.batch_size)
     stream = inf.batches(cp.batch_size, params.data.mean, params.data.std)
@@ -43,8 +49,10 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
         labels = labels.to(inf.device)                                  # (B, C)
         fused = fuse_cams(fn, images.to(inf.device), cp.scales, cp.flip, size,
                           inf.net.backbone.stride)
-        fused = fused if cp.aux else (fused,)  # final[, aux]
-        maps = [normalise_cams(cam, labels).cpu() for cam in fused]  # each (B, C, crop, crop)
+        final, aux = fused if both else (fused, None)
+        seeds = aux if source == "aux" else final
+        stores = [seeds, aux] if cp.aux else [seeds]  # root[, group aux]
+        maps = [normalise_cams(cam, labels).cpu() for cam in stores]  # each (B, C, crop, crop)
         for k, image_id in enumerate(chunk):
             own = inf.data.labels(image_id)
             stored = stored_size(sizes[k], cp.store_size)

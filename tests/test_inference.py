@@ -190,6 +190,37 @@ def test_cams_stage_stores_own_classes_and_aux(case):
         assert not np.array_equal(final, aux) or final.size == 0
 
 
+def test_cams_source_picks_the_seed_cam(case):
+    """cams.source: aux stores the auxiliary CAM as seeds; auto follows the CAM training's online
+    labels came from at its end (aux when train.cam2mask >= train.iterations)."""
+    from seco_cli.params import seed_cam_source
+
+    assert seed_cam_source(tiny_params("train.cam2mask=4")) == "final"  # 6 iterations
+    assert seed_cam_source(tiny_params("train.cam2mask=6")) == "aux"
+    assert seed_cam_source(tiny_params("train.cam2mask=6", "cams.source=final")) == "final"
+    assert seed_cam_source(tiny_params("train.cam2mask=0", "cams.source=aux")) == "aux"
+    root = case["root"]
+    for source, expect_equal in (("aux", True), ("final", False)):
+        out = root / f"src_{source}.zarr"
+        _run_cams(case, out, Shard(), "cams.aux=true", f"cams.source={source}",
+                  "cams.store_size=24")
+        store = StoreReader(out, "cams")
+        assert store.attrs["source"] == source
+        compared = 0
+        for image_id in store.ids()[:6]:
+            seeds, aux = store.read(image_id), store.read(image_id, "aux")
+            if seeds.size:
+                assert np.array_equal(seeds, aux) == expect_equal
+                compared += 1
+        assert compared > 0
+    auto = root / "src_auto.zarr"  # auto, and training ended on the aux CAM (6 iterations)
+    _run_cams(case, auto, Shard(), "train.cam2mask=6", "cams.store_size=24")
+    auto_store, aux_store = StoreReader(auto, "cams"), StoreReader(root / "src_aux.zarr", "cams")
+    assert auto_store.attrs["source"] == "aux"
+    for image_id in auto_store.ids()[:6]:
+        assert np.array_equal(auto_store.read(image_id), aux_store.read(image_id))
+
+
 def test_uint8_cams_give_the_pseudo_masks_of_float16(case):
     root = case["root"]
     data = PreparedDataset(case["prepared"])
