@@ -51,8 +51,9 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
                           inf.net.backbone.stride)
         final, aux = fused if both else (fused, None)
         seeds = aux if source == "aux" else final
-        stores = [seeds, aux] if cp.aux else [seeds]  # root[, group aux]
-        maps = [normalise_cams(cam, labels).cpu() for cam in stores]  # each (B, C, crop, crop)
+        maps = [normalise_cams(seeds, labels).cpu()]  # root[, group aux], each (B, C, crop, crop)
+        if cp.aux:  # the seeds themselves when they are the auxiliary CAMs
+            maps.append(maps[0] if aux is seeds else normalise_cams(aux, labels).cpu())
         for k, image_id in enumerate(chunk):
             own = inf.data.labels(image_id)
             stored = stored_size(sizes[k], cp.store_size)
