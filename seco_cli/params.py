@@ -178,7 +178,7 @@ class TrainParams(_Section):
     w_seg: float = Field(0.12, ge=0)
     seg_start: int = Field(500, ge=0)  # also the start of L_reg
     w_ptc: float = Field(0.3, ge=0)
-    ptc_start: int = Field(0, ge=0)
+    ptc_start: int = Field(500, ge=0)
     w_lig: float = Field(0.5, ge=0)
     w_lil: float = Field(0.5, ge=0)
     contrast_start: int = Field(300, ge=0)  # L_iG and L_iL (VOC: 1000)

@@ -23,6 +23,7 @@ TINY = [
     "train.batch_size=4",
     "train.warmup_iters=2",
     "train.seg_start=3",
+    "train.ptc_start=0",
     "train.cam2mask=4",
     "train.log_every=2",
     "train.ckpt_every=3",
