@@ -306,7 +306,7 @@ class CrfParams(_Section):
 class PseudoParams(_Section):
     """Pseudo masks from the stored CAMs (SPEC §8)."""
 
-    bkg: float = Field(0.45, ge=0, le=1)  # constant background score
+    bkg: float = Field(0.1, ge=0, le=1)  # constant background score
     par_iterations: int = Field(0, ge=0)  # PAR before the CRF (SPEC §6); 0 = off
     par_dilations: list[PositiveInt] = Field([1, 2, 4, 8, 12, 24], min_length=1)
     crf: CrfParams = CrfParams()
@@ -339,9 +339,9 @@ class PairSpec(_Section):
 
 
 class EvaluateParams(_Section):
-    cam_bkg: float = Field(0.45, ge=0, le=1)  # background score for the reported CAM seeds
-    bkg_sweep: list[UnitFloat] = Field([0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6],
-                                       min_length=1)
+    cam_bkg: float = Field(0.1, ge=0, le=1)  # background score for the reported CAM seeds
+    bkg_sweep: list[UnitFloat] = Field(
+        [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6], min_length=1)
     pairs: list[PairSpec] = [
         PairSpec(victim="boat", partner="background"),
         PairSpec(victim="train", partner="background"),
