@@ -48,6 +48,7 @@ class Inference:
     ids: list[str]  # this shard's ids of the split
     crop: int  # inference input side (SPEC §8)
     attrs: dict[str, Any]  # store attributes: provenance, split, classes, model identity
+    meta: dict[str, Any]  # the checkpoint's ``meta`` record (training params, seed, revision)
 
     def batches(self, size: int, mean, std) -> Iterator[tuple[list[str], torch.Tensor, list]]:
         return batches(self.data, self.ids, size, self.crop, mean, std)
@@ -65,7 +66,7 @@ def setup(params: Params, prepared: Path, model: Path, device: str, where: str, 
              "inputs": {"model": input_stamp(model),
                         "prepared": input_stamp(Path(prepared) / INDEX)}}
     return Inference(data, dev, net, split, shard.take(data.ids(split)),
-                     params.model.crop_size, attrs)
+                     params.model.crop_size, attrs, meta)
 
 
 def cam_fn(net: SeCoNet, aux: bool):

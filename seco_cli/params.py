@@ -284,12 +284,20 @@ class CamsParams(_Section):
         return self
 
 
-def seed_cam_source(params: Params) -> str:
+def seed_cam_source(params: Params, trained: dict[str, Any] | None = None) -> str:
     """``final`` or ``aux``: the CAM the cams stage stores as seeds (``cams.source``; ``auto``
-    follows training, whose online CAM is the auxiliary one until ``train.cam2mask``)."""
+    follows training, whose online CAM is the auxiliary one until ``train.cam2mask``).
+
+    ``trained`` is the ``train`` section a checkpoint recorded (its ``meta["params"]``); for
+    ``auto`` it decides, so the seeds follow how the model *was* trained whatever the current
+    params say. Without it (a checkpoint from elsewhere) the current params decide.
+    """
     if params.cams.source != "auto":
         return params.cams.source
-    return "aux" if params.train.cam2mask >= params.train.iterations else "final"
+    tp = trained or {}
+    cam2mask = tp.get("cam2mask", params.train.cam2mask)
+    iterations = tp.get("iterations", params.train.iterations)
+    return "aux" if cam2mask >= iterations else "final"
 
 
 class CrfParams(_Section):

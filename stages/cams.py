@@ -4,7 +4,8 @@
 
 The seed CAMs are the store's root arrays (``<id>``): the final classifier's, or the auxiliary
 classifier's when ``cams.source`` says so (``auto``: the CAM training's online labels came from
-at its last iteration, see :func:`seco_cli.params.seed_cam_source`; recorded as the store's
+at its last iteration, read from the checkpoint's recorded params, see
+:func:`seco_cli.params.seed_cam_source`; recorded as the store's
 ``source`` attribute). With ``cams.aux`` the auxiliary CAMs, made alike from the same forward
 pass, also go to the group ``aux`` (``aux/<id>``). Sharded runs
 (``shard``) write their share of the ids into the one store.
@@ -34,7 +35,7 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
     cp = params.cams
     inf = setup(params, prepared, model, cp.device, "cams.device",
                 cp.split or params.data.train_split, shard)
-    source = seed_cam_source(params)
+    source = seed_cam_source(params, (inf.meta.get("params") or {}).get("train"))
     attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux, "dtype": cp.dtype,
              "source": source}
     writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,

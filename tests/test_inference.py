@@ -199,6 +199,13 @@ def test_cams_source_picks_the_seed_cam(case):
     assert seed_cam_source(tiny_params("train.cam2mask=6")) == "aux"
     assert seed_cam_source(tiny_params("train.cam2mask=6", "cams.source=final")) == "final"
     assert seed_cam_source(tiny_params("train.cam2mask=0", "cams.source=aux")) == "aux"
+    # auto follows the train params the checkpoint recorded, not the current ones
+    assert seed_cam_source(tiny_params("train.cam2mask=4"),
+                           {"cam2mask": 6, "iterations": 6}) == "aux"
+    assert seed_cam_source(tiny_params("train.cam2mask=6"),
+                           {"cam2mask": 4, "iterations": 6}) == "final"
+    assert seed_cam_source(tiny_params("train.cam2mask=6", "cams.source=aux"),
+                           {"cam2mask": 4, "iterations": 6}) == "aux"
     root = case["root"]
     for source, expect_equal in (("aux", True), ("final", False)):
         out = root / f"src_{source}.zarr"
@@ -213,12 +220,15 @@ def test_cams_source_picks_the_seed_cam(case):
                 assert np.array_equal(seeds, aux) == expect_equal
                 compared += 1
         assert compared > 0
-    auto = root / "src_auto.zarr"  # auto, and training ended on the aux CAM (6 iterations)
+    # auto: the model was trained with cam2mask 4 of 6 iterations, so it ended on the final
+    # CAM; the current params claiming cam2mask 6 do not change that
+    auto = root / "src_auto.zarr"
     _run_cams(case, auto, Shard(), "train.cam2mask=6", "cams.store_size=24")
-    auto_store, aux_store = StoreReader(auto, "cams"), StoreReader(root / "src_aux.zarr", "cams")
-    assert auto_store.attrs["source"] == "aux"
+    auto_store = StoreReader(auto, "cams")
+    final_store = StoreReader(root / "src_final.zarr", "cams")
+    assert auto_store.attrs["source"] == "final"
     for image_id in auto_store.ids()[:6]:
-        assert np.array_equal(auto_store.read(image_id), aux_store.read(image_id))
+        assert np.array_equal(auto_store.read(image_id), final_store.read(image_id))
 
 
 def test_uint8_cams_give_the_pseudo_masks_of_float16(case):
