@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from seco_cli.cams import rescale  # noqa: E402
 from seco_cli.data.prepared import PreparedDataset  # noqa: E402
 from seco_cli.device import resolve_device  # noqa: E402
 from seco_cli.inference import batches, cam_fn, load_model  # noqa: E402
-from seco_cli.params import Params, load_params  # noqa: E402
+from seco_cli.params import Params, load_params, seed_cam_source  # noqa: E402
 from seco_cli.shards import Shard  # noqa: E402
 from stages import cams as cams_stage  # noqa: E402
 from stages import pseudo as pseudo_stage  # noqa: E402
@@ -94,13 +95,16 @@ def measure_cams(params: Params, prepared: Path, model: Path, out: Path) -> dict
     Writes the CAM store to ``out`` (kept: the pseudo and byte measurements read it)."""
     cp, data = params.cams, PreparedDataset(prepared)
     device = resolve_device(cp.device, "cams.device")
-    net, _ = load_model(model, params, data.num_classes, device)
+    net, meta = load_model(model, params, data.num_classes, device)
     ids = data.ids(cp.split or params.data.train_split)
     loaded = _preload(data, ids, cp.batch_size, params, device)
-    bare = bare_forward(net, loaded, cp.scales, cp.flip, cam_fn(net, cp.aux), device)
+    # the forward the stage needs: up to the auxiliary block for auxiliary seeds
+    source = seed_cam_source(params, (meta.get("params") or {}).get("train"))
+    head = partial(net.cams, aux=True) if source == "aux" else cam_fn(net, cp.aux)
+    bare = bare_forward(net, loaded, cp.scales, cp.flip, head, device)
     stage = _timed(lambda: cams_stage.run(params, prepared, model, out, Shard()), device)
     return {**_ratio(len(ids), stage, bare), "scales": cp.scales, "flip": cp.flip,
-            "device": str(device)}
+            "source": source, "device": str(device)}
 
 
 def measure_segment(params: Params, prepared: Path, model: Path, out: Path,

@@ -13,6 +13,7 @@ pass, also go to the group ``aux`` (``aux/<id>``). Sharded runs
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,10 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
              "source": source}
     writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
                          groups=[AUX] if cp.aux else [])
-    both = cp.aux or source == "aux"
-    fn = cam_fn(inf.net, both)
+    # the auxiliary seeds need the backbone only up to block aux_layer; the final ones with
+    # cams.aux need both maps of one full pass
+    fn = (partial(inf.net.cams, aux=True) if source == "aux"
+          else cam_fn(inf.net, cp.aux))
     size = (inf.crop, inf.crop)
     total = -(-len(inf.ids) // cp.batch_size)
     stream = inf.batches(cp.batch_size, params.data.mean, params.data.std)
@@ -50,8 +53,10 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
         labels = labels.to(inf.device)                                  # (B, C)
         fused = fuse_cams(fn, images.to(inf.device), cp.scales, cp.flip, size,
                           inf.net.backbone.stride)
-        final, aux = fused if both else (fused, None)
-        seeds = aux if source == "aux" else final
+        if source == "aux":
+            seeds = aux = fused
+        else:
+            seeds, aux = fused if cp.aux else (fused, None)
         maps = [normalise_cams(seeds, labels).cpu()]  # root[, group aux], each (B, C, crop, crop)
         if cp.aux:  # the seeds themselves when they are the auxiliary CAMs
             maps.append(maps[0] if aux is seeds else normalise_cams(aux, labels).cpu())

@@ -23,6 +23,28 @@ def test_vit_returns_final_aux_and_class_token_at_any_input_size():
     assert vit.aux_index == 1  # block -3 of 4
 
 
+@pytest.mark.parametrize("name,kwargs,aux_layer", [
+    ("vit_small_patch16_224", {"img_size": 48, "patch_size": 8, "embed_dim": 32, "depth": 4,
+                               "num_heads": 2}, -3),
+    ("resnet18", {}, -2),
+])
+def test_aux_features_equal_the_full_pass_and_skip_the_later_blocks(name, kwargs, aux_layer):
+    torch.manual_seed(0)
+    net = Backbone(name, kwargs, False, aux_layer=aux_layer).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        _, aux, _ = net(x)
+        calls: list[int] = []
+        hooks = [b.register_forward_hook(lambda *_, i=i: calls.append(i))
+                 for i, b in enumerate(getattr(net.net, "blocks", []))]
+        early = net.aux_features(x)
+        for h in hooks:
+            h.remove()
+    assert torch.equal(early, aux)  # bit-identical: the same ops in the same order
+    if net.is_vit:
+        assert calls == list(range(net.aux_index + 1))  # blocks above aux_layer never ran
+
+
 def test_bad_aux_layer_and_unknown_model_are_one_line_errors():
     with pytest.raises(SecoError, match="outside the 4 blocks"):
         Backbone("vit_small_patch16_224", {"img_size": 48, "patch_size": 8, "embed_dim": 32,

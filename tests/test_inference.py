@@ -220,6 +220,13 @@ def test_cams_source_picks_the_seed_cam(case):
                 assert np.array_equal(seeds, aux) == expect_equal
                 compared += 1
         assert compared > 0
+    # the auxiliary seeds (backbone run only up to aux_layer) equal the auxiliary CAMs of
+    # the full pass that also made the final seeds
+    early, full = StoreReader(root / "src_aux.zarr", "cams"), StoreReader(root / "src_final.zarr",
+                                                                          "cams")
+    assert early.ids() == full.ids("aux")
+    for image_id in early.ids():
+        assert np.array_equal(early.read(image_id), full.read(image_id, "aux"))
     # auto: the model was trained with cam2mask 4 of 6 iterations, so it ended on the final
     # CAM; the current params claiming cam2mask 6 do not change that
     auto = root / "src_auto.zarr"

@@ -88,9 +88,7 @@ class Backbone(nn.Module):
             aux, final = self.net(x)
             return final, aux, final.mean(dim=(2, 3))
         net = self.net
-        tokens = net.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
-        b, h, w, d = tokens.shape
-        tokens = net.norm_pre(net.patch_drop(net._pos_embed(tokens)))  # (B, P + h*w, D)
+        tokens, grid = self._embed_tokens(x)
         aux = tokens
         for i, block in enumerate(net.blocks):
             tokens = block(tokens)
@@ -98,9 +96,29 @@ class Backbone(nn.Module):
                 aux = tokens
         tokens = net.norm(tokens)
         p = net.num_prefix_tokens
-
-        def grid(t: torch.Tensor) -> torch.Tensor:  # (B, P + hw, D) -> (B, D, h, w)
-            return t[:, p:].transpose(1, 2).reshape(b, d, h, w)
-
         embedding = tokens[:, 0] if p > 0 else tokens[:, p:].mean(1)
         return grid(tokens), grid(aux), embedding
+
+    def aux_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The auxiliary map of :meth:`forward` alone, (B, D_aux, h, w), bit-identical to it. A
+        ViT stops after block ``aux_layer`` (the blocks above it are skipped); a CNN runs its
+        stages as usual."""
+        if not self.is_vit:
+            return self.net(x)[0]
+        tokens, grid = self._embed_tokens(x)
+        for block in self.net.blocks[:self.aux_index + 1]:
+            tokens = block(tokens)
+        return grid(tokens)
+
+    def _embed_tokens(self, x: torch.Tensor):
+        """ViT input tokens (B, P + h*w, D) and ``grid``: (B, P + hw, D) → (B, D, h, w)."""
+        net = self.net
+        tokens = net.patch_embed(x)  # (B, h, w, D) with dynamic_img_size
+        b, h, w, d = tokens.shape
+        tokens = net.norm_pre(net.patch_drop(net._pos_embed(tokens)))  # (B, P + h*w, D)
+        p = net.num_prefix_tokens
+
+        def grid(t: torch.Tensor) -> torch.Tensor:
+            return t[:, p:].transpose(1, 2).reshape(b, d, h, w)
+
+        return tokens, grid

@@ -45,6 +45,8 @@ class SeCoNet(nn.Module):
 
     @torch.no_grad()
     def cams(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor:
-        """Raw CAMs only (no decoder): (B, C, h, w)."""
-        tokens, aux_tokens, _ = self.backbone(x)
-        return self.aux_classifier.cam(aux_tokens) if aux else self.classifier.cam(tokens)
+        """Raw CAMs only (no decoder): (B, C, h, w). The auxiliary CAM runs the backbone only
+        up to its block (:meth:`Backbone.aux_features`)."""
+        if aux:
+            return self.aux_classifier.cam(self.backbone.aux_features(x))
+        return self.classifier.cam(self.backbone(x)[0])
