@@ -25,6 +25,16 @@ SOURCES = {"cams": "CAM seeds", "pseudo": "pseudo masks", "segment_raw": "seg ra
 HEADLINE = ("miou", "precision", "recall", "fp_tp")
 PAIR_SOURCES = ("cams", "segment_ms_crf")  # Table 3 is shown for these
 SEG = "segment_ms_crf"  # the paper's segmentation protocol: the goals use it
+# training statistics of the last logged window (dvclive's metrics.json): (group, key, label,
+# scale) — scale 100 shows a fraction in percent
+TRAIN_STATS = (("seco", "tag_background", "tags bkg %", 100.0),
+               ("seco", "tag_class", "tags class %", 100.0),
+               ("seco", "tag_uncertain", "tags uncertain %", 100.0),
+               ("seco", "rectified_fraction", "rectified %", 100.0),
+               ("seco", "abnormal_fraction", "abnormal pairs %", 100.0),
+               ("seco", "mu_mean", "μ (reservoir same-tag sim.)", 1.0),
+               ("loss", "ptc", "L_ptc", 1.0), ("loss", "lig", "L_iG", 1.0),
+               ("loss", "lil", "L_iL", 1.0), (None, "sec_per_iter", "s/iteration", 1.0))
 
 
 def _finite(v: Any) -> float | None:
@@ -78,6 +88,10 @@ def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None
             entry = m.get("pairs", {}).get(pair, {}).get(src, {})
             for k in ("iou", "fp_tp"):
                 out[f"pair.{pair}.{src}.{k}"] = _finite(entry.get(k))
+    train = run.get("train") or {}
+    for group, key, _, _ in TRAIN_STATS:
+        section = train if group is None else train.get(group) or {}
+        out[f"train.{key}"] = _finite(section.get(key))
     for name, chosen in (("context", context_pairs(pairs)), ("coupled", list(pairs))):
         for src in SOURCES:
             out[f"{name}_fp_tp.{src}"] = mean_spread(
@@ -134,12 +148,26 @@ def goal_checks(agg: dict[str, dict[str, Stat]], pairs: Sequence[str]) -> list[d
                   "measured": f"SeCo {_pts(s)}, fully supervised {_pts(f)}"
                   + (f" (ratio {s / f:.2f})" if s is not None and f else ""),
                   "status": goal_status(s, ">=", None if f is None else 0.9 * f)})
+    seco_stat = agg.get("seco", {}).get(key)
     for ablation in ABLATIONS:
         a = _mean(agg, ablation, key)
+        stat = agg.get(ablation, {}).get(key)
         goals.append({"goal": f"segmentation mIoU (MS+CRF): {ablation} < SeCo",
-                      "measured": f"{ablation} {_pts(a)}, SeCo {_pts(s)}",
+                      "measured": f"{ablation} {fmt(stat) or '—'}, SeCo {fmt(seco_stat) or '—'}"
+                      + _within_spread(stat, seco_stat),
                       "status": goal_status(a, "<", s)})
     return goals
+
+
+def _within_spread(a: Stat | None, b: Stat | None) -> str:
+    """``; the difference is within the seeds' spread`` when |mean a − mean b| is at most the
+    larger sample std of the two (so the ordering is not claimed), else ``""``."""
+    if not a or not b or a[0] is None or b[0] is None or a[1] is None or b[1] is None:
+        return ""
+    diff = b[0] - a[0]
+    if abs(diff) <= max(a[1], b[1]):
+        return f"; difference {100 * diff:+.1f} is within the seeds' spread"
+    return f"; difference {100 * diff:+.1f}"
 
 
 def _presets(agg: dict[str, Any]) -> list[str]:
@@ -186,6 +214,14 @@ def pair_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str], src: str) 
     return md_table(headers, rows)
 
 
+def training_table(agg: dict[str, dict[str, Stat]]) -> str:
+    """Each preset's training statistics at its last logged window (tags, rectification,
+    μ, contrast losses, speed); a preset without the term shows —."""
+    rows = [[p] + [fmt(agg[p][f"train.{key}"], scale, 1 if scale == 100.0 else 3)
+                   for _, key, _, scale in TRAIN_STATS] for p in _presets(agg)]
+    return md_table(["preset"] + [label for *_, label, _ in TRAIN_STATS], rows)
+
+
 def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     """The whole markdown report of the stored runs."""
     if not runs:
@@ -200,6 +236,8 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     for src in PAIR_SOURCES:
         parts += [f"\n## Co-occurring pairs, {SOURCES[src]} (paper Table 3)\n\n",
                   pair_table(agg, pairs, src)]
+    parts += ["\n## Training statistics, last logged window (the analysis' evidence)\n\n",
+              training_table(agg)]
     parts += ["\n## Goals (means over seeds)\n\n",
               md_table(["goal", "measured", "status"],
                        [[g["goal"], g["measured"], g["status"]] for g in goals])]

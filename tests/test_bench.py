@@ -120,6 +120,29 @@ def test_quality_markdown_has_every_table_and_preset_in_order():
     assert qr.render([], "# h\n").endswith("No finished run yet.\n")
 
 
+def test_training_table_shows_the_logged_statistics_and_dashes_for_absent_terms():
+    seco = _run("seco", 0, 0.5)
+    seco["train"] = {"sec_per_iter": 0.5, "loss": {"ptc": 0.09, "lil": 7.0},
+                     "seco": {"tag_background": 0.25, "rectified_fraction": 0.05,
+                              "mu_mean": 0.95}}
+    base = _run("baseline", 0, 0.4)
+    base["train"] = {"sec_per_iter": 0.3, "loss": {}}
+    text = qr.render([seco, base], "")
+    table = text.split("## Training statistics")[1].split("##")[0]
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert rows["seco"].startswith("| seco | 25.0 | — | — | 5.0 | — | 0.950 | 0.090 | — | 7.000 |")
+    assert rows["baseline"] == "| baseline | — | — | — | — | — | — | — | — | — | 0.300 |"
+
+
+def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():
+    runs = [_run("seco", 0, 0.50), _run("seco", 1, 0.54), _run("no_lig", 0, 0.49),
+            _run("no_lig", 1, 0.51), _run("no_lil", 0, 0.30), _run("no_lil", 1, 0.32)]
+    measured = {g["goal"]: g["measured"] for g in qr.goal_checks(qr.aggregate(runs), [])}
+    assert measured["segmentation mIoU (MS+CRF): no_lig < SeCo"] == (
+        "no_lig 50.0 ± 1.4, SeCo 52.0 ± 2.8; difference +2.0 is within the seeds' spread")
+    assert measured["segmentation mIoU (MS+CRF): no_lil < SeCo"].endswith("; difference +21.0")
+
+
 def test_md_table_and_goal_status():
     assert benchlib.md_table(["a", "b"], [[1, None], ["x|y", "z"]]) == (
         "| a | b |\n|---|---|\n| 1 | — |\n| x\\|y | z |\n")
