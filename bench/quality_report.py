@@ -92,6 +92,8 @@ def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None
     for group, key, _, _ in TRAIN_STATS:
         section = train if group is None else train.get(group) or {}
         out[f"train.{key}"] = _finite(section.get(key))
+    for pair, value in (train.get("proto") or {}).items():  # prototype similarities
+        out[f"train.proto.{pair}"] = _finite(value)
     for name, chosen in (("context", context_pairs(pairs)), ("coupled", list(pairs))):
         for src in SOURCES:
             out[f"{name}_fp_tp.{src}"] = mean_spread(
@@ -108,7 +110,8 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, Stat]]:
     by_preset: dict[str, list[dict[str, float | None]]] = {}
     for run in runs:
         by_preset.setdefault(run["preset"], []).append(flatten(run, pairs))
-    return {preset: {k: mean_spread(f[k] for f in flats) for k in flats[0]}
+    return {preset: {k: mean_spread(f.get(k) for f in flats)
+                     for k in dict.fromkeys(k for f in flats for k in f)}
             for preset, flats in by_preset.items()}
 
 
@@ -217,9 +220,14 @@ def pair_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str], src: str) 
 def training_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Each preset's training statistics at its last logged window (tags, rectification,
     μ, contrast losses, speed); a preset without the term shows —."""
+    proto = list(dict.fromkeys(k for p in agg for k in agg[p] if k.startswith("train.proto.")))
     rows = [[p] + [fmt(agg[p][f"train.{key}"], scale, 1 if scale == 100.0 else 3)
-                   for _, key, _, scale in TRAIN_STATS] for p in _presets(agg)]
-    return md_table(["preset"] + [label for *_, label, _ in TRAIN_STATS], rows)
+                   for _, key, _, scale in TRAIN_STATS]
+            + [fmt(agg[p].get(k), 1.0, 3) for k in proto] for p in _presets(agg)]
+    return md_table(["preset"] + [label for *_, label, _ in TRAIN_STATS]
+                    + [f"prototype sim. {k.removeprefix('train.proto.').replace('~', '/')}"
+                       .replace("mean_off_diagonal", "mean (off-diagonal)") for k in proto],
+                    rows)
 
 
 def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:

@@ -64,6 +64,12 @@ def _run(params: Params, data: PreparedDataset, device: torch.device, model_out:
         trainer = train(params, data, device, meta, ckpt_dir, resume, log, tick)
         for _ in ticks:  # let the bar reach its end
             pass
+        if main and trainer.sched.uses_teacher:  # the prototypes were trained (L_iG, L_iL)
+            pairs = [(p.victim, p.partner) for p in params.evaluate.pairs]
+            for name, value in prototype_pair_similarity(
+                    trainer.method.prototypes.P, data.classes[1:], pairs).items():
+                live.log_metric(f"proto/{name}", value, plot=False)
+                last[f"proto/{name}"] = value
     if main:
         save_atomic(trainer.final(), model_out)
         write_prototype_similarity(trainer.method.prototypes.P, data.classes[1:],
@@ -72,6 +78,21 @@ def _run(params: Params, data: PreparedDataset, device: torch.device, model_out:
     if not main:
         return {}  # the CLI prints the summary once
     return {"iterations": trainer.iteration, **last}
+
+
+def prototype_pair_similarity(prototypes: torch.Tensor, names: list[str],
+                              pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Cosine similarity of the prototypes of each class pair (``victim~partner``; context
+    pairs, partner background, and unknown names are skipped), and ``mean_off_diagonal`` over
+    all class pairs: the summary the quality benchmark reads (paper Fig. 5)."""
+    sim = (prototypes @ prototypes.T).float().cpu()  # (C, C), rows are unit vectors
+    index = {n: i for i, n in enumerate(names)}
+    out = {f"{a}~{b}": float(sim[index[a], index[b]]) for a, b in pairs
+           if a in index and b in index and a != b}
+    c = sim.shape[0]
+    if c > 1:
+        out["mean_off_diagonal"] = float((sim.sum() - sim.diagonal().sum()) / (c * (c - 1)))
+    return out
 
 
 def write_prototype_similarity(prototypes: torch.Tensor, names: list[str], path: Path) -> None:

@@ -124,14 +124,17 @@ def test_training_table_shows_the_logged_statistics_and_dashes_for_absent_terms(
     seco = _run("seco", 0, 0.5)
     seco["train"] = {"sec_per_iter": 0.5, "loss": {"ptc": 0.09, "lil": 7.0},
                      "seco": {"tag_background": 0.25, "rectified_fraction": 0.05,
-                              "mu_mean": 0.95}}
+                              "mu_mean": 0.95},
+                     "proto": {"horse~person": 0.8, "mean_off_diagonal": 0.1}}
     base = _run("baseline", 0, 0.4)
     base["train"] = {"sec_per_iter": 0.3, "loss": {}}
     text = qr.render([seco, base], "")
     table = text.split("## Training statistics")[1].split("##")[0]
     rows = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
-    assert rows["seco"].startswith("| seco | 25.0 | — | — | 5.0 | — | 0.950 | 0.090 | — | 7.000 |")
-    assert rows["baseline"] == "| baseline | — | — | — | — | — | — | — | — | — | 0.300 |"
+    assert rows["seco"] == ("| seco | 25.0 | — | — | 5.0 | — | 0.950 | 0.090 | — | 7.000 | 0.500 "
+                            "| 0.800 | 0.100 |")
+    assert rows["baseline"] == "| baseline | — | — | — | — | — | — | — | — | — | 0.300 | — | — |"
+    assert "| prototype sim. horse/person | prototype sim. mean (off-diagonal) |" in table
 
 
 def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():

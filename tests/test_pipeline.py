@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -83,3 +84,9 @@ def test_six_stages_end_to_end(tmp_path: Path):
     assert rows[1].startswith("boat,boat,1.0") or rows[1].startswith("boat,boat,0.99")
     live = json.loads((a / "train/live/metrics.json").read_text())
     assert live["step"] == 6 and np.isfinite(live["loss"]["total"])
+    # the object pairs' prototype similarities (the quality benchmark's evidence) = the CSV's
+    csv = {tuple(r.split(",")[:2]): float(r.split(",")[2]) for r in rows[1:]}
+    assert live["proto"]["horse~person"] == pytest.approx(csv["horse", "person"], abs=1e-6)
+    assert "boat~background" not in live["proto"]
+    off = [v for (x, y), v in csv.items() if x != y]
+    assert live["proto"]["mean_off_diagonal"] == pytest.approx(sum(off) / len(off), abs=1e-5)
