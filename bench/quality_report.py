@@ -220,7 +220,11 @@ def pair_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str], src: str) 
 def training_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Each preset's training statistics at its last logged window (tags, rectification,
     μ, contrast losses, speed); a preset without the term shows —."""
-    proto = list(dict.fromkeys(k for p in agg for k in agg[p] if k.startswith("train.proto.")))
+    proto: list[str] = []  # cosine similarity is symmetric: b~a repeats a~b
+    for k in dict.fromkeys(k for p in agg for k in agg[p] if k.startswith("train.proto.")):
+        a, _, b = k.removeprefix("train.proto.").partition("~")
+        if f"train.proto.{b}~{a}" not in proto:
+            proto.append(k)
     rows = [[p] + [fmt(agg[p][f"train.{key}"], scale, 1 if scale == 100.0 else 3)
                    for _, key, _, scale in TRAIN_STATS]
             + [fmt(agg[p].get(k), 1.0, 3) for k in proto] for p in _presets(agg)]

@@ -125,7 +125,8 @@ def test_training_table_shows_the_logged_statistics_and_dashes_for_absent_terms(
     seco["train"] = {"sec_per_iter": 0.5, "loss": {"ptc": 0.09, "lil": 7.0},
                      "seco": {"tag_background": 0.25, "rectified_fraction": 0.05,
                               "mu_mean": 0.95},
-                     "proto": {"horse~person": 0.8, "mean_off_diagonal": 0.1}}
+                     "proto": {"horse~person": 0.8, "person~horse": 0.8,
+                               "mean_off_diagonal": 0.1}}
     base = _run("baseline", 0, 0.4)
     base["train"] = {"sec_per_iter": 0.3, "loss": {}}
     text = qr.render([seco, base], "")
