@@ -25,6 +25,7 @@ SOURCES = {"cams": "CAM seeds", "pseudo": "pseudo masks", "segment_raw": "seg ra
 HEADLINE = ("miou", "precision", "recall", "fp_tp")
 PAIR_SOURCES = ("cams", "segment_ms_crf")  # Table 3 is shown for these
 SEG = "segment_ms_crf"  # the paper's segmentation protocol: the goals use it
+FOUND_IOU = 0.5  # a coupled victim counts as segmented in a run at this IoU or above
 # training statistics of the last logged window (dvclive's metrics.json): (group, key, label,
 # scale) — scale 100 shows a fraction in percent
 TRAIN_STATS = (("seco", "tag_background", "tags bkg %", 100.0),
@@ -88,6 +89,8 @@ def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None
             entry = m.get("pairs", {}).get(pair, {}).get(src, {})
             for k in ("iou", "fp_tp"):
                 out[f"pair.{pair}.{src}.{k}"] = _finite(entry.get(k))
+            iou = out[f"pair.{pair}.{src}.iou"]  # 1 when the victim is segmented at all
+            out[f"pair.{pair}.{src}.found"] = None if iou is None else float(iou >= FOUND_IOU)
     train = run.get("train") or {}
     for group, key, _, _ in TRAIN_STATS:
         section = train if group is None else train.get(group) or {}
@@ -234,6 +237,22 @@ def training_table(agg: dict[str, dict[str, Stat]]) -> str:
                     rows)
 
 
+def found_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str]) -> str:
+    """In how many runs (seeds) each coupled victim reaches IoU ≥ FOUND_IOU, per source: the
+    outcome is often all-or-nothing (a class fused with its partner scores ≈ 0), which a mean
+    over few seeds hides."""
+    headers = ["preset"] + [f"{q} ({SOURCES[src]})" for q in pairs for src in PAIR_SOURCES]
+    rows = []
+    for p in _presets(agg):
+        cells = []
+        for q in pairs:
+            for src in PAIR_SOURCES:
+                mean, _, n = agg[p].get(f"pair.{q}.{src}.found", (None, None, 0))
+                cells.append(None if mean is None else f"{round(mean * n)}/{n}")
+        rows.append([p, *cells])
+    return md_table(headers, rows)
+
+
 def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     """The whole markdown report of the stored runs."""
     if not runs:
@@ -248,6 +267,9 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     for src in PAIR_SOURCES:
         parts += [f"\n## Co-occurring pairs, {SOURCES[src]} (paper Table 3)\n\n",
                   pair_table(agg, pairs, src)]
+    if pairs:
+        parts += [f"\n## Runs in which each coupled class is segmented (IoU ≥ {FOUND_IOU:.1f})"
+                  "\n\n", found_table(agg, pairs)]
     parts += ["\n## Training statistics, last logged window (the analysis' evidence)\n\n",
               training_table(agg)]
     parts += ["\n## Goals (means over seeds)\n\n",

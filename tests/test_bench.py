@@ -147,6 +147,17 @@ def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():
     assert measured["segmentation mIoU (MS+CRF): no_lil < SeCo"].endswith("; difference +21.0")
 
 
+def test_found_table_counts_the_runs_where_the_victim_is_segmented():
+    a, b, c = _run("seco", 0, 0.5), _run("seco", 1, 0.5), _run("seco", 2, 0.5)
+    for run, iou in ((a, 0.7), (b, 0.01), (c, 0.5)):  # fused with its partner in seed 1
+        run["metrics"]["pairs"]["boat/background"]["cams"]["iou"] = iou
+    text = qr.render([a, b, c], "")
+    table = text.split("## Runs in which")[1].split("##")[0]
+    assert "| preset | boat/background (CAM seeds) | boat/background (seg MS+CRF) |" in table
+    # boat cams 2 of 3 (0.5 counts); boat seg IoU 0.3 → 0 of 3; horse/person 0.6, 0.7 → 3 of 3
+    assert "| seco | 2/3 | 0/3 | 3/3 | 3/3 |" in table
+
+
 def test_md_table_and_goal_status():
     assert benchlib.md_table(["a", "b"], [[1, None], ["x|y", "z"]]) == (
         "| a | b |\n|---|---|\n| 1 | — |\n| x\\|y | z |\n")
