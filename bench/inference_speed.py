@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +98,8 @@ def measure_cams(params: Params, prepared: Path, model: Path, out: Path) -> dict
     ids = data.ids(cp.split or params.data.train_split)
     loaded = _preload(data, ids, cp.batch_size, params, device)
     # the forward the stage needs: up to the auxiliary block for auxiliary seeds
-    source = seed_cam_source(params, (meta.get("params") or {}).get("train"))
-    head = partial(net.cams, aux=True) if source == "aux" else cam_fn(net, cp.aux)
-    bare = bare_forward(net, loaded, cp.scales, cp.flip, head, device)
+    source = seed_cam_source(params, meta)
+    bare = bare_forward(net, loaded, cp.scales, cp.flip, cam_fn(net, source, cp.aux), device)
     stage = _timed(lambda: cams_stage.run(params, prepared, model, out, Shard()), device)
     return {**_ratio(len(ids), stage, bare), "scales": cp.scales, "flip": cp.flip,
             "source": source, "device": str(device)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,14 @@ def setup(params: Params, prepared: Path, model: Path, device: str, where: str, 
                      params.model.crop_size, attrs, meta)
 
 
-def cam_fn(net: SeCoNet, aux: bool):
-    """``x → final CAM`` or ``x → (final, auxiliary CAM)`` from one backbone pass (SPEC §2)."""
+def cam_fn(net: SeCoNet, source: str, aux: bool):
+    """The cams stage's CAM function for seeds from ``source`` (SPEC §2, §8). Final seeds:
+    ``x → final CAM``, or with ``aux`` ``x → (final, auxiliary CAM)`` from one backbone pass.
+    Auxiliary seeds are the auxiliary CAMs themselves, whatever ``aux`` says: ``x → auxiliary
+    CAM``, the backbone run only up to block ``aux_layer``."""
+    if source == "aux":
+        return partial(net.cams, aux=True)
+
     def fn(x: torch.Tensor):
         tokens, aux_tokens, _ = net.backbone(x)
         final = net.classifier.cam(tokens)                # (B, C, h, w)

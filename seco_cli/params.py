@@ -284,17 +284,17 @@ class CamsParams(_Section):
         return self
 
 
-def seed_cam_source(params: Params, trained: dict[str, Any] | None = None) -> str:
+def seed_cam_source(params: Params, meta: dict[str, Any] | None = None) -> str:
     """``final`` or ``aux``: the CAM the cams stage stores as seeds (``cams.source``; ``auto``
     follows training, whose online CAM is the auxiliary one until ``train.cam2mask``).
 
-    ``trained`` is the ``train`` section a checkpoint recorded (its ``meta["params"]``); for
-    ``auto`` it decides, so the seeds follow how the model *was* trained whatever the current
-    params say. Without it (a checkpoint from elsewhere) the current params decide.
+    ``meta`` is a checkpoint's ``meta`` record; for ``auto`` the ``train`` params it recorded
+    decide, so the seeds follow how the model *was* trained whatever the current params say.
+    Without them (a checkpoint from elsewhere) the current params decide.
     """
     if params.cams.source != "auto":
         return params.cams.source
-    tp = trained or {}
+    tp = ((meta or {}).get("params") or {}).get("train") or {}
     cam2mask = tp.get("cam2mask", params.train.cam2mask)
     iterations = tp.get("iterations", params.train.iterations)
     return "aux" if cam2mask >= iterations else "final"

@@ -13,7 +13,6 @@ pass, also go to the group ``aux`` (``aux/<id>``). Sharded runs
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,12 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
     cp = params.cams
     inf = setup(params, prepared, model, cp.device, "cams.device",
                 cp.split or params.data.train_split, shard)
-    source = seed_cam_source(params, (inf.meta.get("params") or {}).get("train"))
+    source = seed_cam_source(params, inf.meta)
     attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux, "dtype": cp.dtype,
              "source": source}
     writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
                          groups=[AUX] if cp.aux else [])
-    # the auxiliary seeds need the backbone only up to block aux_layer; the final ones with
-    # cams.aux need both maps of one full pass
-    fn = (partial(inf.net.cams, aux=True) if source == "aux"
-          else cam_fn(inf.net, cp.aux))
+    fn = cam_fn(inf.net, source, cp.aux)
     size = (inf.crop, inf.crop)
     total = -(-len(inf.ids) // cp.batch_size)
     stream = inf.batches(cp.batch_size, params.data.mean, params.data.std)

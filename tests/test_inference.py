@@ -201,11 +201,11 @@ def test_cams_source_picks_the_seed_cam(case):
     assert seed_cam_source(tiny_params("train.cam2mask=0", "cams.source=aux")) == "aux"
     # auto follows the train params the checkpoint recorded, not the current ones
     assert seed_cam_source(tiny_params("train.cam2mask=4"),
-                           {"cam2mask": 6, "iterations": 6}) == "aux"
+                           {"params": {"train": {"cam2mask": 6, "iterations": 6}}}) == "aux"
     assert seed_cam_source(tiny_params("train.cam2mask=6"),
-                           {"cam2mask": 4, "iterations": 6}) == "final"
+                           {"params": {"train": {"cam2mask": 4, "iterations": 6}}}) == "final"
     assert seed_cam_source(tiny_params("train.cam2mask=6", "cams.source=aux"),
-                           {"cam2mask": 4, "iterations": 6}) == "aux"
+                           {"params": {"train": {"cam2mask": 4, "iterations": 6}}}) == "aux"
     root = case["root"]
     for source, expect_equal in (("aux", True), ("final", False)):
         out = root / f"src_{source}.zarr"
