@@ -112,13 +112,26 @@ def coco128_overrides(root: Path, weights: Path) -> list[str]:
             "model.backbone=tf_efficientnet_lite0", "model.backbone_kwargs={}",
             f"model.pretrained={weights}", "model.aux_layer=-2", "model.seg_dilations=[1, 2, 4]",
             "model.crop_size=320", "train.patch_size=64", "train.lr=0.0001",
-            "evaluate.pairs=[]"]  # the most frequent co-occurring pairs of the train split
+            "evaluate.pairs=[]",  # the most frequent co-occurring pairs of the train split
+            # a pretrained backbone: the SPEC's schedule and thresholds, not the ones the
+            # default profile tuned for a ViT trained from scratch (README "Deviations"): L_ptc
+            # from the start, seeds from the final CAM after half the run, background 0.45;
+            # the auxiliary CAMs are stored and scored too (`cams_aux`)
+            "train.ptc_start=0", "pseudo.bkg=0.45", "evaluate.cam_bkg=0.45", "cams.aux=true"]
+
+
+def coco128_schedule(repo: Path, over: list[str]) -> list[str]:
+    """The SPEC's CAM→mask switch at half the run (set before the profile scales it)."""
+    iterations = load_params(repo / "params.yaml", over).train.iterations
+    return [f"train.cam2mask={iterations // 2}"]
 
 
 def base_overrides(repo: Path, dataset: str, profile: str, extra: list[str],
                    data_root: Path | None, weights: Path | None) -> list[str]:
     """Dataset overrides, then the profile's, then the user's ``--set`` (last wins)."""
     over = coco128_overrides(data_root, weights) if dataset == "coco128" else []
+    if dataset == "coco128":
+        over += coco128_schedule(repo, over)
     if profile == "bench":
         fraction, more = BENCH[dataset]
         over += more + scaled_schedule(load_params(repo / "params.yaml", over), fraction)

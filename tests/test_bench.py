@@ -208,6 +208,22 @@ def test_bench_profile_scales_every_start_of_the_schedule():
     assert set(over) == {"train.iterations", *(f"train.{k}" for k in quality.SCHEDULE_KEYS)}
 
 
+def test_coco128_bench_uses_the_spec_schedule_for_the_pretrained_backbone(tmp_path):
+    from seco_cli.params import load_params
+
+    over = quality.base_overrides(benchlib.ROOT, "coco128", "bench", [], tmp_path / "coco",
+                                  tmp_path / "w.pth")
+    p = load_params(benchlib.ROOT / "params.yaml", over)  # validates every override
+    default = load_params(benchlib.ROOT / "params.yaml")
+    assert p.train.iterations == round(default.train.iterations * quality.BENCH["coco128"][0])
+    assert p.train.cam2mask == p.train.iterations // 2  # final CAM for the second half
+    assert p.train.ptc_start == 0 and p.pseudo.bkg == p.evaluate.cam_bkg == 0.45
+    assert p.cams.aux and p.model.backbone == "tf_efficientnet_lite0"
+    user = quality.base_overrides(benchlib.ROOT, "coco128", "bench", ["train.cam2mask=7"],
+                                  tmp_path / "coco", tmp_path / "w.pth")
+    assert load_params(benchlib.ROOT / "params.yaml", user).train.cam2mask == 7  # --set wins
+
+
 def test_find_experiment_reads_dvc_exp_show_json():
     evaluate = {"cams": {"miou": 0.5}}
     show = [{"rev": "workspace", "experiments": None},
