@@ -115,9 +115,11 @@ def coco128_overrides(root: Path, weights: Path) -> list[str]:
             "evaluate.pairs=[]",  # the most frequent co-occurring pairs of the train split
             # a pretrained backbone: the SPEC's schedule and thresholds, not the ones the
             # default profile tuned for a ViT trained from scratch (README "Deviations"): L_ptc
-            # from the start, seeds from the final CAM after half the run, background 0.45;
-            # the auxiliary CAMs are stored and scored too (`cams_aux`)
-            "train.ptc_start=0", "pseudo.bkg=0.45", "evaluate.cam_bkg=0.45", "cams.aux=true"]
+            # from the start, seeds from the final CAM after half the run (the schedule, not
+            # the per-class head selection), background 0.45; the auxiliary CAMs are stored
+            # and scored too (`cams_aux`)
+            "train.ptc_start=0", "train.cam_select=schedule", "pseudo.bkg=0.45",
+            "evaluate.cam_bkg=0.45", "cams.aux=true"]
 
 
 def coco128_schedule(repo: Path, over: list[str]) -> list[str]:

@@ -72,17 +72,13 @@ def setup(params: Params, prepared: Path, model: Path, device: str, where: str, 
 
 def cam_fn(net: SeCoNet, source: str, aux: bool):
     """The cams stage's CAM function for seeds from ``source`` (SPEC §2, §8). Final seeds:
-    ``x → final CAM``, or with ``aux`` ``x → (final, auxiliary CAM)`` from one backbone pass.
+    ``x → final CAM``, or with ``aux`` ``x → (final, auxiliary CAM)`` from one backbone pass;
+    per-class ``select`` seeds need both, so they always get the pair.
     Auxiliary seeds are the auxiliary CAMs themselves, whatever ``aux`` says: ``x → auxiliary
     CAM``, the backbone run only up to block ``aux_layer``."""
     if source == "aux":
         return partial(net.cams, aux=True)
-
-    def fn(x: torch.Tensor):
-        tokens, aux_tokens, _ = net.backbone(x)
-        final = net.classifier.cam(tokens)                # (B, C, h, w)
-        return (final, net.aux_classifier.cam(aux_tokens)) if aux else final
-    return fn
+    return net.both_cams if aux or source == "select" else net.cams
 
 
 def batches(data: PreparedDataset, ids: list[str], size: int, crop: int, mean, std,

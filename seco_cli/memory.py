@@ -1,7 +1,7 @@
 """Conquer-side memory (SPEC §4–§5): the reservoir of key embeddings with its tag pool, and
-the class prototypes.
+the class prototypes; and the running statistics that pick each class's CAM head.
 
-Both are small modules whose state lives in registered **buffers**, so a plain
+Both (and the per-class CAM head choice, :class:`CamHeads`) are small modules whose state lives in registered **buffers**, so a plain
 ``state_dict`` checkpoints them exactly (pointer and fill count included) and loads with
 ``weights_only=True``. Neither communicates: callers pass tensors already gathered from all
 ranks, in the same order on every rank, so every rank holds identical state.
@@ -107,3 +107,46 @@ class Prototypes(nn.Module):
         cos = F.cosine_similarity(p, z[None], dim=1)  # (L,)
         w = torch.softmax(cos / tau, dim=0)  # (L,); exactly 1 for a single label
         self.P[idx] = F.normalize(m * p + (1.0 - m) * w[:, None] * z[None], dim=1)
+
+
+class CamHeads(nn.Module):
+    """Per class, which classifier's CAM labels the training step (``train.cam_select: area``,
+    a deviation recorded in README): an EMA, over the images showing the class, of the
+    fraction of the valid image where each head's label-restricted normalised CAM exceeds
+    ``high``. The head with the smaller area wins: a CAM that fires on everything but the
+    object (an *inverted* CAM, which a from-scratch ViT's global max pooling allows) covers
+    most of the image, a CAM on the object only the object. Ties, and classes not seen yet, go
+    to the schedule's head. Row 0 is the auxiliary head, row 1 the final one."""
+
+    HEADS = ("aux", "final")
+    area: torch.Tensor  # (2, C) float, EMA of the covered fraction
+    seen: torch.Tensor  # (C,) long, images seen per class
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.register_buffer("area", torch.zeros(2, num_classes))
+        self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, areas: torch.Tensor, labels: torch.Tensor, momentum: float) -> None:
+        """``areas`` (B, 2, C): each image's covered fraction per head and class; ``labels``
+        (B, C) multi-hot (gathered from all ranks, the same on every rank). Per class, the
+        batch mean over the images showing it is one EMA step; the first one sets the EMA."""
+        present = (labels > 0).to(self.area)  # (B, C)
+        n = present.sum(0)  # (C,)
+        has = n > 0
+        mean = (areas.to(self.area) * present[:, None]).sum(0) / n.clamp(min=1)  # (2, C)
+        first = has & (self.seen == 0)
+        ema = momentum * self.area + (1.0 - momentum) * mean
+        self.area.copy_(torch.where(first, mean, torch.where(has, ema, self.area)))
+        self.seen += n.long()
+
+    def use_aux(self, schedule_aux: bool) -> torch.Tensor:
+        """(C,) bool: True where the class's CAM comes from the auxiliary head."""
+        aux, final = self.area
+        tie = (aux == final) | (self.seen == 0)
+        return torch.where(tie, torch.full_like(tie, schedule_aux), aux < final)
+
+    def names(self, schedule_aux: bool) -> list[str]:
+        """The head of each class, ``aux`` or ``final`` (recorded in the trained model)."""
+        return [self.HEADS[0] if a else self.HEADS[1] for a in self.use_aux(schedule_aux).tolist()]

@@ -10,6 +10,7 @@ and sums the terms. A term whose weight is 0 at this iteration is not computed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ from seco_cli.losses.contrast import (
 )
 from seco_cli.losses.crf import crf_energy
 from seco_cli.losses.segmentation import balanced_seg_loss
-from seco_cli.memory import Prototypes, Reservoir
+from seco_cli.memory import CamHeads, Prototypes, Reservoir
 from seco_cli.models.network import NetOutput, SeCoNet
 from seco_cli.models.projection import ProjectionHead
 from seco_cli.params import Params
@@ -66,6 +67,8 @@ class SeCo(nn.Module):
         self.teacher = EMATeacher(self._student_encoder(), tp.teacher_momentum)
         self.reservoir = Reservoir(tp.reservoir_capacity, dim)
         self.prototypes = Prototypes(num_classes, dim, seed=tp.seed)
+        # per-class CAM head statistics, only where selected (the SPEC's state dict otherwise)
+        self.cam_heads = CamHeads(num_classes) if tp.cam_select == "area" else None
 
     def _student_encoder(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.net.backbone, "proj": self.proj})
@@ -83,14 +86,33 @@ class SeCo(nn.Module):
 
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
-    def online_cam(self, images: torch.Tensor, labels: torch.Tensor, aux: bool) -> torch.Tensor:
-        """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W)."""
+    def online_cam(self, images: torch.Tensor, labels: torch.Tensor, aux: bool,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W), from
+        the auxiliary head when ``aux`` (the schedule), else the final one. With
+        ``train.cam_select: area`` both heads come from one pass per scale, their covered
+        areas inside ``valid`` (B, H, W) update :class:`CamHeads`, and each class takes the
+        head it picks (``aux`` breaks ties)."""
+        tp = self.params.train
         was = self.net.training
         self.net.eval()
-        cam = fuse_cams(lambda x: self.net.cams(x, aux=aux), images, self.params.train.cam_scales,
-                        True, images.shape[-2:], multiple=self.net.backbone.stride)
+        if self.cam_heads is None:
+            fn = partial(self.net.cams, aux=aux)
+        else:
+            fn = self.net.both_cams
+        cam = fuse_cams(fn, images, tp.cam_scales, True, images.shape[-2:],
+                        multiple=self.net.backbone.stride)
         self.net.train(was)
-        return normalise_cams(cam, labels)
+        if self.cam_heads is None:
+            return normalise_cams(cam, labels)
+        final, aux_cam = (normalise_cams(c, labels) for c in cam)
+        inside = (torch.ones_like(images[:, 0]) if valid is None else valid.float())[:, None]
+        pixels = inside.sum((2, 3)).clamp(min=1)  # (B, 1)
+        areas = torch.stack([((c > tp.cam_high) * inside).sum((2, 3)) / pixels
+                             for c in (aux_cam, final)], 1)  # (B, 2, C)
+        self.cam_heads.update(*gather_cat(areas, labels), tp.cam_select_momentum)
+        use_aux = self.cam_heads.use_aux(aux)[None, :, None, None]
+        return torch.where(use_aux, aux_cam, final)
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor,
@@ -220,7 +242,7 @@ class SeCo(nn.Module):
                                                     tp.ptc_high, tp.ptc_low)
             cam = None
             if w.lig > 0 or w.lil > 0 or (need_seg and not w.gt_seg):
-                cam = self.online_cam(images, labels, aux=it < tp.cam2mask)
+                cam = self.online_cam(images, labels, aux=it < tp.cam2mask, valid=valid)
             if w.lig > 0 or w.lil > 0:
                 terms.update(self.contrast_terms(out, images, raw, valid, labels, cam, w, gen,
                                                  normalise, stats))

@@ -172,6 +172,11 @@ class TrainParams(_Section):
     cam_high: float = Field(0.7, ge=0, le=1)
     cam_low: float = Field(0.25, ge=0, le=1)
     cam2mask: int = Field(1500, ge=0)  # aux CAM before this iteration, final CAM after
+    # which classifier's CAM each class's tags and online labels come from: `schedule` = the
+    # SPEC (aux before cam2mask, final after); `area` = per class, the head whose CAM covers
+    # less of the image (an EMA with this momentum), ties to the schedule (README deviations)
+    cam_select: Literal["schedule", "area"] = "area"
+    cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)
@@ -270,7 +275,8 @@ class CamsParams(_Section):
     scales: list[float] = [1.0]
     flip: bool = True
     # the seed CAM (store root): auto = the CAM training's online labels came from at its end
-    # (aux when train.cam2mask >= train.iterations, else final; SPEC §3.2, §8)
+    # (aux when train.cam2mask >= train.iterations, else final; SPEC §3.2, §8; with
+    # train.cam_select: area, per class the head the checkpoint recorded)
     source: Literal["auto", "final", "aux"] = "auto"
     aux: bool = False  # also store the auxiliary CAMs (group `aux` of the store)
     store_size: int = Field(0, ge=0)  # longest stored side in pixels; 0 = original size
@@ -285,8 +291,10 @@ class CamsParams(_Section):
 
 
 def seed_cam_source(params: Params, meta: dict[str, Any] | None = None) -> str:
-    """``final`` or ``aux``: the CAM the cams stage stores as seeds (``cams.source``; ``auto``
-    follows training, whose online CAM is the auxiliary one until ``train.cam2mask``).
+    """``final``, ``aux`` or ``select``: the CAM the cams stage stores as seeds
+    (``cams.source``; ``auto`` follows training, whose online CAM is the auxiliary one until
+    ``train.cam2mask``, or per class the head recorded as ``meta["cam_heads"]`` when it
+    trained with ``train.cam_select: area`` — ``select``).
 
     ``meta`` is a checkpoint's ``meta`` record; for ``auto`` the ``train`` params it recorded
     decide, so the seeds follow how the model *was* trained whatever the current params say.
@@ -294,6 +302,8 @@ def seed_cam_source(params: Params, meta: dict[str, Any] | None = None) -> str:
     """
     if params.cams.source != "auto":
         return params.cams.source
+    if (meta or {}).get("cam_heads"):
+        return "select"
     tp = ((meta or {}).get("params") or {}).get("train") or {}
     cam2mask = tp.get("cam2mask", params.train.cam2mask)
     iterations = tp.get("iterations", params.train.iterations)

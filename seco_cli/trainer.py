@@ -215,8 +215,14 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
 
     def final(self) -> dict[str, Any]:
+        meta = dict(self.meta)
+        heads = self.method.cam_heads
+        if heads is not None:  # per class, the CAM head training ended on (cams: source auto)
+            schedule_aux = self.iteration <= self.params.train.cam2mask
+            meta["cam_heads"] = heads.names(schedule_aux)
+            meta["cam_head_area"] = heads.area.tolist()
         return {"model": self.net.state_dict(), "prototypes": self.method.prototypes.P.clone(),
-                "meta": self.meta}
+                "meta": meta}
 
 
 def train(params: Params, data: PreparedDataset, device: torch.device, meta: dict[str, Any],

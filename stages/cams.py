@@ -6,7 +6,8 @@ The seed CAMs are the store's root arrays (``<id>``): the final classifier's, or
 classifier's when ``cams.source`` says so (``auto``: the CAM training's online labels came from
 at its last iteration, read from the checkpoint's recorded params, see
 :func:`seco_cli.params.seed_cam_source`; recorded as the store's
-``source`` attribute). With ``cams.aux`` the auxiliary CAMs, made alike from the same forward
+``source`` attribute; ``select``: per class the head recorded by a model trained with
+``train.cam_select: area``, the store's ``cam_heads`` attribute). With ``cams.aux`` the auxiliary CAMs, made alike from the same forward
 pass, also go to the group ``aux`` (``aux/<id>``). Sharded runs
 (``shard``) write their share of the ids into the one store.
 """
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from seco_cli.cams import fuse_cams, normalise_cams
+from seco_cli.errors import SecoError
 from seco_cli.inference import cam_fn, setup, stored_size, to_original
 from seco_cli.params import Params, seed_cam_source
 from seco_cli.progress import Progress, Silent
@@ -38,6 +40,15 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
     source = seed_cam_source(params, inf.meta)
     attrs = {**inf.attrs, "scales": cp.scales, "flip": cp.flip, "aux": cp.aux, "dtype": cp.dtype,
              "source": source}
+    heads = None
+    if source == "select":  # per class the head training ended on; both from one pass
+        heads = inf.meta["cam_heads"]
+        if len(heads) != inf.data.num_classes:
+            raise SecoError(f"the model records {len(heads)} CAM heads for "
+                            f"{inf.data.num_classes} classes", str(model),
+                            "cams.source: final or aux, or retrain on this dataset")
+        attrs["cam_heads"] = heads
+        use_aux = torch.tensor([h == "aux" for h in heads], device=inf.device)[None, :, None, None]
     writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
                          groups=[AUX] if cp.aux else [])
     fn = cam_fn(inf.net, source, cp.aux)
@@ -51,6 +62,9 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
                           inf.net.backbone.stride)
         if source == "aux":
             seeds = aux = fused
+        elif heads:
+            final, aux = fused
+            seeds = torch.where(use_aux, aux, final)
         else:
             seeds, aux = fused if cp.aux else (fused, None)
         maps = [normalise_cams(seeds, labels).cpu()]  # root[, group aux], each (B, C, crop, crop)

@@ -219,6 +219,7 @@ def test_coco128_bench_uses_the_spec_schedule_for_the_pretrained_backbone(tmp_pa
     assert p.train.cam2mask == p.train.iterations // 2  # final CAM for the second half
     assert p.train.ptc_start == 0 and p.pseudo.bkg == p.evaluate.cam_bkg == 0.45
     assert p.cams.aux and p.model.backbone == "tf_efficientnet_lite0"
+    assert p.train.cam_select == "schedule"
     user = quality.base_overrides(benchlib.ROOT, "coco128", "bench", ["train.cam2mask=7"],
                                   tmp_path / "coco", tmp_path / "w.pth")
     assert load_params(benchlib.ROOT / "params.yaml", user).train.cam2mask == 7  # --set wins

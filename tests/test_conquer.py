@@ -333,3 +333,48 @@ def test_online_cam_rounds_scaled_sides_to_the_patch_size():
     method = SeCo(p, 6)
     cam = method.online_cam(torch.randn(2, 3, 56, 56), torch.ones(2, 6), aux=False)
     assert cam.shape == (2, 6, 56, 56) and torch.isfinite(cam).all()
+
+
+def test_cam_heads_pick_per_class_the_head_that_covers_less():
+    from seco_cli.memory import CamHeads
+
+    heads = CamHeads(3)
+    assert heads.use_aux(True).tolist() == [True] * 3  # nothing seen: the schedule's head
+    assert heads.names(False) == ["final"] * 3
+    # class 0: the aux CAM is inverted (covers 60 %); class 1: the final one is; class 2 unseen
+    areas = torch.tensor([[[0.6, 0.05, 0.0], [0.05, 0.5, 0.0]],
+                          [[0.5, 0.05, 0.0], [0.07, 0.7, 0.0]]])  # (B, 2 heads, C)
+    labels = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    heads.update(areas, labels, momentum=0.9)
+    # first sighting sets the EMA to the batch mean over the images showing the class
+    assert torch.allclose(heads.area[:, 0], torch.tensor([0.55, 0.06]))
+    assert torch.allclose(heads.area[:, 1], torch.tensor([0.05, 0.5]))
+    assert heads.seen.tolist() == [2, 1, 0]
+    assert heads.use_aux(True).tolist() == [False, True, True]
+    assert heads.names(False) == ["final", "aux", "final"]
+    # later batches are EMA steps; a class absent from the batch keeps its statistics
+    heads.update(torch.tensor([[[0.0, 0.9, 0.3], [1.0, 0.9, 0.1]]]),
+                 torch.tensor([[1.0, 0.0, 1.0]]), momentum=0.9)
+    assert torch.allclose(heads.area[:, 0], torch.tensor([0.9 * 0.55, 0.9 * 0.06 + 0.1]))
+    assert torch.allclose(heads.area[:, 1], torch.tensor([0.05, 0.5]))
+    assert torch.allclose(heads.area[:, 2], torch.tensor([0.3, 0.1]))
+    assert heads.use_aux(True).tolist() == [False, True, False]
+
+
+def test_online_cam_with_area_selection_takes_each_class_from_the_chosen_head():
+    from seco_cli.cams import fuse_cams, normalise_cams
+    from seco_cli.method import SeCo
+    from tests.conftest import tiny_params
+
+    torch.manual_seed(0)
+    p = tiny_params("train.cam_select=area")
+    method = SeCo(p, 6)
+    images, labels = torch.randn(2, 3, 48, 48), torch.ones(2, 6)
+    cam = method.online_cam(images, labels, aux=True)
+    final, aux = (normalise_cams(c, labels) for c in fuse_cams(
+        method.net.both_cams, images, p.train.cam_scales, True, (48, 48), 8))
+    use_aux = method.cam_heads.use_aux(True)
+    assert int(method.cam_heads.seen.sum()) == 12
+    for c in range(6):
+        assert torch.equal(cam[:, c], (aux if use_aux[c] else final)[:, c])
+    assert method.cam_heads.area.max() > 0

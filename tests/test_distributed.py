@@ -21,7 +21,7 @@ import torch.distributed as dist
 from seco_cli import distributed
 from seco_cli.device import resolve_device
 from seco_cli.errors import SecoError
-from seco_cli.memory import Prototypes
+from seco_cli.memory import CamHeads, Prototypes
 from seco_cli.trainer import Schedules, check_reservoir_capacity
 from tests.conftest import ROOT, tiny_params
 
@@ -160,6 +160,16 @@ def test_two_process_gloo_training(tmp_path: Path, prepared: Path):
                       p.train.prototype_update, p.train.tau_g)
     assert torch.allclose(protos.P, state["prototypes.P"], atol=1e-6)
 
+    # the per-class CAM head statistics = the update over both ranks' areas, step by step
+    heads = CamHeads(state["cam_heads.area"].shape[1])
+    got = [r["gathers"]["heads"] for r in (r0, r1)]
+    assert len(got[0]) == len(got[1]) > 0
+    for s in range(len(got[0])):
+        heads.update(torch.cat([got[0][s][0], got[1][s][0]]),
+                     torch.cat([got[0][s][1], got[1][s][1]]), p.train.cam_select_momentum)
+    assert torch.equal(heads.seen, state["cam_heads.seen"])
+    assert torch.allclose(heads.area, state["cam_heads.area"], atol=1e-6)
+
     # parameters no term used keep grad None under DDP (AdamW skips them, as in one process)
     assert r0["none_grads"] == r1["none_grads"]
     assert any(n.startswith("net.decoder.") for n in r0["none_grads"])  # seg starts at 3
@@ -191,7 +201,8 @@ def _worker(prepared: Path, out: Path) -> None:
     from seco_cli.data.prepared import PreparedDataset
 
     p = tiny_params(*RUN)
-    rec: dict = {"saves": [], "gathers": {"enqueue": [], "prototypes": []}, "logged": {},
+    rec: dict = {"saves": [], "gathers": {"enqueue": [], "prototypes": [], "heads": []},
+                 "logged": {},
                  "index": {}, "none_grads": [], "lives": 0}
 
     def recording(real):
@@ -205,7 +216,9 @@ def _worker(prepared: Path, out: Path) -> None:
     real_gather = method_mod.gather_cat
 
     def gather(*tensors):
-        kind = "enqueue" if tensors[1].ndim == 1 else "prototypes"  # (keys, tags) | (z, labels)
+        # (keys, tags) | (CAM head areas (B, 2, C), labels) | (z, labels)
+        kind = ("enqueue" if tensors[1].ndim == 1 else
+                "heads" if tensors[0].ndim == 3 else "prototypes")
         rec["gathers"][kind].append([t.detach().clone() for t in tensors])
         return real_gather(*tensors)
 

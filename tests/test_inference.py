@@ -450,3 +450,40 @@ def test_evaluate_reports_variants_aux_and_writes_the_grid(case):
     grid = Image.open(root / "plots" / "samples.png")
     assert grid.size == (5 * 32, CAPTION + 4 * (32 + CAPTION))  # 2 train + 2 val ids
     assert (root / "plots" / "cam_aux_bkg_sweep.csv").is_file()
+
+
+def test_cams_source_select_takes_each_class_from_the_head_the_model_recorded(case, tmp_path):
+    """A model trained with train.cam_select: area records a head per class; cams.source auto
+    then stores per class that head's CAM (both from one pass), and says so in the store."""
+    from seco_cli.params import seed_cam_source
+
+    ckpt = torch.load(case["model"], weights_only=True)
+    n = ckpt["meta"]["num_classes"]
+    heads = ["aux" if c % 2 else "final" for c in range(n)]
+    model = tmp_path / "select.pt"
+    torch.save({**ckpt, "meta": {**ckpt["meta"], "cam_heads": heads}}, model)
+    assert seed_cam_source(tiny_params(), {"cam_heads": heads}) == "select"
+    assert seed_cam_source(tiny_params("cams.source=final"), {"cam_heads": heads}) == "final"
+
+    def run(out: Path, *extra: str) -> StoreReader:
+        cams_stage.run(tiny_params("cams.store_size=24", *extra), case["prepared"], model, out)
+        return StoreReader(out, "cams")
+
+    select = run(tmp_path / "select.zarr", "cams.aux=true")
+    final = run(tmp_path / "final.zarr", "cams.source=final", "cams.aux=true")
+    assert select.attrs["source"] == "select" and select.attrs["cam_heads"] == heads
+    taken = {"aux": 0, "final": 0}
+    for image_id in select.ids():
+        seeds, attrs = select.read_with_attrs(image_id)
+        for k, c in enumerate(attrs["labels"]):
+            head = heads[c - 1]
+            want = final.read(image_id, "aux" if head == "aux" else None)[k]
+            assert np.array_equal(seeds[k], want), (image_id, c, head)
+            taken[head] += 1
+        assert np.array_equal(select.read(image_id, "aux"), final.read(image_id, "aux"))
+    assert taken["aux"] > 0 and taken["final"] > 0
+    # a head list that does not fit the dataset: one error, no store
+    torch.save({**ckpt, "meta": {**ckpt["meta"], "cam_heads": heads[:-1]}}, model)
+    with pytest.raises(SecoError, match="records .* CAM heads"):
+        run(tmp_path / "bad.zarr")
+    assert not (tmp_path / "bad.zarr").exists()

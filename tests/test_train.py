@@ -61,10 +61,11 @@ def _meta(p: Params, data: PreparedDataset) -> dict:
     return {"backbone": p.model.backbone, "num_classes": data.num_classes, "params": p.dump()}
 
 
-@pytest.mark.parametrize("preset", ["baseline", "seco"])
-def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str,
+@pytest.mark.parametrize("preset,select", [("baseline", "schedule"), ("seco", "schedule"),
+                                           ("seco", "area")])
+def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str, select: str,
                                      monkeypatch: pytest.MonkeyPatch):
-    tiny = tiny_params(f"train.preset={preset}")
+    tiny = tiny_params(f"train.preset={preset}", f"train.cam_select={select}")
     data = PreparedDataset(prepared)
     cpu = torch.device("cpu")
     full = train(tiny, data, cpu, _meta(tiny, data), tmp_path / "a", False, lambda *_: None)
@@ -90,6 +91,15 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
     assert a_state.keys() == b_state.keys()
     for name, a in a_state.items():
         assert torch.equal(a, b_state[name]), name
+    # the per-class CAM head statistics are state too, and the trained model records the heads
+    assert any(k.startswith("cam_heads.") for k in a_state) == (select == "area")
+    meta = resumed.final()["meta"]
+    if select == "area":
+        assert int(resumed.method.cam_heads.seen.sum()) > 0
+        assert len(meta["cam_heads"]) == data.num_classes
+        assert set(meta["cam_heads"]) <= {"aux", "final"}
+    else:
+        assert "cam_heads" not in meta
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,

@@ -50,3 +50,9 @@ class SeCoNet(nn.Module):
         if aux:
             return self.aux_classifier.cam(self.backbone.aux_features(x))
         return self.classifier.cam(self.backbone(x)[0])
+
+    @torch.no_grad()
+    def both_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw (final, auxiliary) CAMs of one backbone pass: each (B, C, h, w)."""
+        tokens, aux_tokens, _ = self.backbone(x)
+        return self.classifier.cam(tokens), self.aux_classifier.cam(aux_tokens)
