@@ -175,7 +175,7 @@ class TrainParams(_Section):
     # which classifier's CAM each class's tags and online labels come from: `schedule` = the
     # SPEC (aux before cam2mask, final after); `area` = per class, the head whose CAM covers
     # less of the image (an EMA with this momentum), ties to the schedule (README deviations)
-    cam_select: Literal["schedule", "area"] = "area"
+    cam_select: Literal["schedule", "area"] = "schedule"
     cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
