@@ -84,6 +84,9 @@ def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None
         for k in HEADLINE:
             out[f"{src}.{k}"] = _finite(m.get(src, {}).get(k))
     out["cams.best_miou"] = _finite(m.get("cams", {}).get("best_miou"))
+    # the auxiliary head's CAMs, scored when the cams stage stored them (`cams.aux`)
+    out["cams_aux.miou"] = _finite(m.get("cams_aux", {}).get("miou"))
+    out["cams_aux.best_miou"] = _finite(m.get("cams_aux", {}).get("best_miou"))
     for pair in pairs:
         for src in PAIR_SOURCES + ("pseudo", "segment_raw"):
             entry = m.get("pairs", {}).get(pair, {}).get(src, {})
@@ -183,14 +186,18 @@ def _presets(agg: dict[str, Any]) -> list[str]:
 def miou_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Tables 2/5 shape: mIoU per stage, and weakly ÷ fully supervised."""
     full = _mean(agg, "fully_supervised", f"{SEG}.miou")
+    # a column for the auxiliary head's CAMs only where some run stored them
+    aux = any(a.get("cams_aux.best_miou", (None,))[0] is not None for a in agg.values())
     rows = []
     for p in _presets(agg):
         a = agg[p]
         seg = a[f"{SEG}.miou"][0]
         rows.append([p, a[f"{SEG}.miou"][2], fmt(a["cams.miou"]), fmt(a["cams.best_miou"]),
+                     *([fmt(a["cams_aux.best_miou"])] if aux else []),
                      fmt(a["pseudo.miou"]), fmt(a["segment_raw.miou"]), fmt(a[f"{SEG}.miou"]),
                      None if seg is None or not full else f"{seg / full:.2f}"])
-    return md_table(["preset", "seeds", "CAM mIoU", "CAM mIoU (best bkg)", "pseudo mIoU",
+    return md_table(["preset", "seeds", "CAM mIoU", "CAM mIoU (best bkg)",
+                     *(["aux-head CAM mIoU (best bkg)"] if aux else []), "pseudo mIoU",
                      "seg mIoU raw", "seg mIoU MS+CRF", "÷ fully supervised"], rows)
 
 

@@ -120,6 +120,17 @@ def test_quality_markdown_has_every_table_and_preset_in_order():
     assert qr.render([], "# h\n").endswith("No finished run yet.\n")
 
 
+def test_miou_table_adds_the_auxiliary_head_column_only_when_scored():
+    plain = qr.render([_run("seco", 0, 0.5)], "")
+    assert "aux-head CAM" not in plain
+    run = _run("seco", 0, 0.5)
+    run["metrics"]["cams_aux"] = {"miou": 0.3, "best_miou": 0.35}
+    table = qr.render([run], "").split("## mIoU")[1].split("##")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert "aux-head CAM mIoU (best bkg)" in lines[0]
+    assert lines[1].startswith("| seco | 1 | 50.0 | 51.0 | 35.0 | 52.0 | 49.0 | 50.0 |")
+
+
 def test_training_table_shows_the_logged_statistics_and_dashes_for_absent_terms():
     seco = _run("seco", 0, 0.5)
     seco["train"] = {"sec_per_iter": 0.5, "loss": {"ptc": 0.09, "lil": 7.0},
