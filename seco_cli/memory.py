@@ -1,9 +1,9 @@
 """Conquer-side memory (SPEC §4–§5): the reservoir of key embeddings with its tag pool, and
 the class prototypes; and the running statistics that pick each class's CAM head.
 
-Both (and the per-class CAM head choice, :class:`CamHeads`) are small modules whose state lives in registered **buffers**, so a plain
-``state_dict`` checkpoints them exactly (pointer and fill count included) and loads with
-``weights_only=True``. Neither communicates: callers pass tensors already gathered from all
+All three (:class:`Reservoir`, :class:`Prototypes`, :class:`CamHeads`) are small modules
+whose state lives in registered **buffers**, so a plain ``state_dict`` checkpoints them exactly (pointer and fill count included) and loads with
+``weights_only=True``. None communicates: callers pass tensors already gathered from all
 ranks, in the same order on every rank, so every rank holds identical state.
 
 Tags: 0 = background, c ≥ 1 = class c (prototype row c − 1), −1 = uncertain / empty.
@@ -111,7 +111,7 @@ class Prototypes(nn.Module):
 
 class CamHeads(nn.Module):
     """Per class, which classifier's CAM labels the training step (``train.cam_select: area``,
-    a deviation recorded in README): an EMA, over the images showing the class, of the
+    an option beyond the SPEC, README "Deviations from SPEC"): an EMA, over the images showing the class, of the
     fraction of the valid image where each head's label-restricted normalised CAM exceeds
     ``high``. The head with the smaller area wins: a CAM that fires on everything but the
     object (an *inverted* CAM, which a from-scratch ViT's global max pooling allows) covers

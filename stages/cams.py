@@ -7,9 +7,9 @@ classifier's when ``cams.source`` says so (``auto``: the CAM training's online l
 at its last iteration, read from the checkpoint's recorded params, see
 :func:`seco_cli.params.seed_cam_source`; recorded as the store's
 ``source`` attribute; ``select``: per class the head recorded by a model trained with
-``train.cam_select: area``, the store's ``cam_heads`` attribute). With ``cams.aux`` the auxiliary CAMs, made alike from the same forward
-pass, also go to the group ``aux`` (``aux/<id>``). Sharded runs
-(``shard``) write their share of the ids into the one store.
+``train.cam_select: area``, listed as the store's ``cam_heads`` attribute). With ``cams.aux``
+the auxiliary CAMs, made alike from the same forward pass, also go to the group ``aux``
+(``aux/<id>``). Sharded runs (``shard``) write their share of the ids into the one store.
 """
 
 from __future__ import annotations
