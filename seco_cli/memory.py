@@ -2,9 +2,10 @@
 the class prototypes; and the running statistics that pick each class's CAM head.
 
 All three (:class:`Reservoir`, :class:`Prototypes`, :class:`CamHeads`) are small modules
-whose state lives in registered **buffers**, so a plain ``state_dict`` checkpoints them exactly (pointer and fill count included) and loads with
-``weights_only=True``. None communicates: callers pass tensors already gathered from all
-ranks, in the same order on every rank, so every rank holds identical state.
+whose state lives in registered **buffers**, so a plain ``state_dict`` checkpoints them
+exactly (pointer and fill count included) and loads with ``weights_only=True``. None
+communicates: callers pass tensors already gathered from all ranks, in the same order on
+every rank, so every rank holds identical state.
 
 Tags: 0 = background, c ≥ 1 = class c (prototype row c − 1), −1 = uncertain / empty.
 """
