@@ -60,8 +60,8 @@ VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "ca
 # start (warm-up, prototypes, contrasts, CAM→mask, segmentation, rectification) keeping its
 # relative place, so the 7 presets × 3 seeds fit in a working session on 2 CPU cores:
 # synthetic: 750 of 1,500 iterations, ~5 min a run (≈ 1.8 h for 21 runs);
-# coco128: 300 iterations at crop 160 (SeCo ~4 s/step at 320² is PAR and CNN-bound at 320),
-# ~15-20 min a run (≈ 2 h per seed). Measurements behind these numbers: BENCHMARKS.md.
+# coco128: 300 iterations at crop 160 (SeCo ~4 s/step at 320² is PAR and CNN-bound at 320):
+# 7.2-11.8 min a run (1.05 h for the 7 presets of one seed, measured). BENCHMARKS.md has both.
 BENCH = {"synthetic": (0.5, []), "coco128": (0.2, ["model.crop_size=160"])}
 SCHEDULE_KEYS = ("warmup_iters", "proto_start", "contrast_start", "cam2mask", "seg_start",
                  "rectify_start", "ptc_start", "ckpt_every")
