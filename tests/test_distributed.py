@@ -27,7 +27,7 @@ from tests.conftest import ROOT, tiny_params
 
 # TINY: 4 images × (4 patches + 2 global views) = 24 keys per rank and step; L_iL from
 # iteration 2 → 4 steps × 2 ranks × 24 = 192 keys, exactly one full reservoir
-RUN = ("train.preset=seco", "train.reservoir_capacity=192")
+RUN = ("train.preset=seco", "train.reservoir_capacity=192", "train.cam_select=area")
 KEYS_PER_RANK = 24
 TERMS = ("cls", "aux", "seg", "reg", "ptc", "lig", "lil")
 
