@@ -112,12 +112,13 @@ class Prototypes(nn.Module):
 
 class CamHeads(nn.Module):
     """Per class, which classifier's CAM labels the training step (``train.cam_select: area``,
-    an option beyond the SPEC, README "Deviations from SPEC"): an EMA, over the images showing the class, of the
-    fraction of the valid image where each head's label-restricted normalised CAM exceeds
-    ``high``. The head with the smaller area wins: a CAM that fires on everything but the
-    object (an *inverted* CAM, which a from-scratch ViT's global max pooling allows) covers
-    most of the image, a CAM on the object only the object. Ties, and classes not seen yet, go
-    to the schedule's head. Row 0 is the auxiliary head, row 1 the final one."""
+    an option beyond the SPEC, README "Deviations from SPEC"): an EMA, over the images showing
+    the class, of the fraction of the valid image where each head's label-restricted
+    normalised CAM exceeds ``high``. The head with the smaller area wins: a CAM that fires on
+    everything but the object (an *inverted* CAM, which a from-scratch ViT's global max
+    pooling allows) covers most of the image, a CAM on the object only the object. Ties, and
+    classes not seen yet, go to the schedule's head. Row 0 is the auxiliary head, row 1 the
+    final one."""
 
     HEADS = ("aux", "final")
     area: torch.Tensor  # (2, C) float, EMA of the covered fraction
