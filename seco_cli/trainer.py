@@ -188,6 +188,11 @@ class Trainer:
         logged["loss/total"] = float(total.detach())
         logged["lr"] = self.optimizer.param_groups[0]["lr"]
         logged.update({f"seco/{k}": v for k, v in stats.items()})
+        heads = self.method.cam_heads
+        if heads is not None:  # train.cam_select: area — the evidence of each class's choice
+            for head, row in zip(heads.HEADS, heads.area.tolist(), strict=True):
+                logged.update({f"cam_area/{head}/{name}": a
+                               for name, a in zip(self.data.classes[1:], row, strict=True)})
         return logged
 
     # ------------------------------------------------------------------ state

@@ -68,7 +68,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
     tiny = tiny_params(f"train.preset={preset}", f"train.cam_select={select}")
     data = PreparedDataset(prepared)
     cpu = torch.device("cpu")
-    full = train(tiny, data, cpu, _meta(tiny, data), tmp_path / "a", False, lambda *_: None)
+    logs: list[dict[str, float]] = []
+    full = train(tiny, data, cpu, _meta(tiny, data), tmp_path / "a", False,
+                 lambda _, values: logs.append(values))
 
     calls = {"n": 0}
     original = Trainer.step
@@ -100,6 +102,13 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
         assert set(meta["cam_heads"]) <= {"aux", "final"}
     else:
         assert "cam_heads" not in meta
+    # the live log holds each head's covered-area EMA per class, with area selection only
+    areas = {k: v for k, v in logs[-1].items() if k.startswith("cam_area/")}
+    names = data.classes[1:]
+    want = {f"cam_area/{h}/{n}" for h in ("aux", "final") for n in names}
+    assert set(areas) == (want if select == "area" else set())
+    assert all(0.0 <= v <= 1.0 for v in areas.values())
+    assert select != "area" or any(v > 0 for v in areas.values())
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,
