@@ -3,7 +3,10 @@
 Both trainers step at an iteration where every term of their preset is on (after
 ``seg_start``, ``contrast_start``, ``rectify_start``, ``proto_start``, ``cam2mask``); the
 reservoir is filled by warm-up steps first. Steps alternate between the two presets so
-machine noise hits both alike; the median of the timed steps is reported.
+machine noise hits both alike; the median of the timed steps is reported. One more step per
+preset, untimed, counts its floating-point operations (forward and backward, matrix products
+and convolutions: ``torch.utils.flop_counter``): the arithmetic the preset asks for, so the
+FLOP ratio is the step ratio an implementation bound by arithmetic would reach.
 
     python bench/train_step.py                       # embedded default profile
     python bench/train_step.py --params recipes/voc.yaml --set data.source=synthetic ...
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 
@@ -38,29 +42,35 @@ def all_on_iteration(tp) -> int:
     return min(max(starts) + 1, tp.iterations - 1)
 
 
+def _setup(params_file: Path, overrides: list[str], presets: list[str], n_batches: int,
+           prepared: Path, tmp: str):
+    """(trainers by preset, ``n_batches`` batches, the all-terms-on iteration, device)."""
+    base = load_params(params_file, overrides)
+    if prepared is None:
+        from stages import prepare
+
+        prepared = Path(tmp) / "prepared"
+        prepare.run(base, prepared, Path(tmp) / "prepare.json")
+    data = PreparedDataset(prepared)
+    device = resolve_device(base.train.device, "train.device")
+    trainers = {}
+    for preset in presets:
+        p = load_params(params_file, [*overrides, f"train.preset={preset}"])
+        trainers[preset] = Trainer(p, data, device, {"params": p.dump()})
+    tp = base.train
+    samples = TrainSamples(data, data.ids(base.data.train_split), tp.batch_size, tp.seed,
+                           base.model.crop_size, tp.scale_range, base.data.mean,
+                           base.data.std,  # fully_supervised trains on the masks
+                           with_masks=any(t.sched.gt_seg for t in trainers.values()))
+    batches = list(train_loader(samples, 0, n_batches, 0))
+    return trainers, batches, all_on_iteration(tp), device
+
+
 def measure(params_file: Path, overrides: list[str], presets: list[str], warmup: int,
             steps: int, prepared: Path | None = None) -> dict[str, dict[str, float]]:
-    base = load_params(params_file, overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        if prepared is None:
-            from stages import prepare
-
-            prepared = Path(tmp) / "prepared"
-            prepare.run(base, prepared, Path(tmp) / "prepare.json")
-        data = PreparedDataset(prepared)
-        device = resolve_device(base.train.device, "train.device")
-        trainers, batches = {}, []
-        for preset in presets:
-            p = load_params(params_file, [*overrides, f"train.preset={preset}"])
-            trainers[preset] = Trainer(p, data, device, {"params": p.dump()})
-        tp = base.train
-        samples = TrainSamples(data, data.ids(base.data.train_split), tp.batch_size, tp.seed,
-                               base.model.crop_size, tp.scale_range, base.data.mean,
-                               base.data.std,  # fully_supervised trains on the masks
-                               with_masks=any(t.sched.gt_seg for t in trainers.values()))
-        for batch in train_loader(samples, 0, warmup + steps, 0):
-            batches.append(batch)
-        it = all_on_iteration(tp)
+        trainers, batches, it, device = _setup(params_file, overrides, presets, warmup + steps,
+                                               prepared, tmp)
         times: dict[str, list[float]] = {k: [] for k in presets}
         for i, batch in enumerate(batches):
             for preset, trainer in trainers.items():
@@ -72,8 +82,27 @@ def measure(params_file: Path, overrides: list[str], presets: list[str], warmup:
                     torch.cuda.synchronize()
                 if i >= warmup:
                     times[preset].append(time.perf_counter() - t0)
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "steps": len(v)}
-            for k, v in times.items()}
+        flops = {preset: step_flops(trainer, batches[-1], it)
+                 for preset, trainer in trainers.items()}
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "steps": len(v),
+                "flops": flops[k]} for k, v in times.items()}
+
+
+def count_flops(params_file: Path, overrides: list[str], presets: list[str],
+                prepared: Path | None = None) -> dict[str, int]:
+    """Each preset's floating-point operations in one all-terms-on step (no timing: for
+    configurations too slow to time here, such as the VOC recipe on a CPU)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers, batches, it, _ = _setup(params_file, overrides, presets, 1, prepared, tmp)
+        return {k: step_flops(t, batches[0], it) for k, t in trainers.items()}
+
+
+def step_flops(trainer: Trainer, batch: dict[str, torch.Tensor], it: int) -> int:
+    """Floating-point operations of one training step (forward, backward, no-grad passes)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer.step(batch, it)
+    return int(counter.get_total_flops())
 
 
 def main() -> None:
@@ -92,9 +121,12 @@ def main() -> None:
     presets = args.presets.split(",")
     res = measure(args.params, args.overrides, presets, args.warmup, args.steps, args.prepared)
     ref = res[presets[0]]["median_s"]
-    print(f"{'preset':<18}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}")
+    ref_flops = res[presets[0]]["flops"]
+    print(f"{'preset':<18}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}{'GFLOP/step':>12}"
+          f"{'÷ ' + presets[0]:>14}")
     for name, r in res.items():
-        print(f"{name:<18}{r['median_s']:>16.4f}{r['median_s'] / ref:>14.2f}")
+        print(f"{name:<18}{r['median_s']:>16.4f}{r['median_s'] / ref:>14.2f}"
+              f"{r['flops'] / 1e9:>12.2f}{r['flops'] / ref_flops:>14.2f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
 
