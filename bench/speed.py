@@ -201,7 +201,9 @@ def part_train_step(ctx: Context) -> list[Row]:
         else:
             size, extra, what = 448, [], "VOC recipe (ViT-B/16 at 448, batch 4)"
         params, prepared, over = voc_recipe(ctx, size, 4, 2, extra)
-        f = train_step.count_flops(VOC_RECIPE, over, ["baseline", "seco"], prepared)
+        # in a process of its own: the parent keeps no ViT-B/16 memory for the later parts
+        f = run_child(ctx, {"params": str(VOC_RECIPE), "overrides": over,
+                            "prepared": str(prepared), "flops": ["baseline", "seco"]})
         return [_flop_row(what, f["seco"], f["baseline"])]
 
     return rows + _attempt("train step", "SeCo ÷ baseline FLOPs, VOC recipe", voc)

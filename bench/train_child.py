@@ -1,8 +1,12 @@
 """Training steps in a process of their own, for ``bench/speed.py``: seconds per step with
-every term of the objective on, peak RSS and peak GPU memory, isolated from the parent.
+every term of the objective on, peak RSS and peak GPU memory, isolated from the parent; or
+(``"flops"`` in the spec) each preset's floating-point operations per step, so a large
+configuration's memory is returned to the system when the count is done.
 
     python bench/train_child.py '{"params": "params.yaml", "overrides": [], "prepared":
         "artifacts/prepared", "warmup": 1, "steps": 5}'    # prints RESULT {...}
+    python bench/train_child.py '{"params": "recipes/voc.yaml", "overrides": [...],
+        "prepared": "...", "flops": ["baseline", "seco"]}'
 """
 
 from __future__ import annotations
@@ -39,8 +43,6 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
     from seco_cli.device import resolve_device
     from seco_cli.trainer import Trainer
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     params = load_params(Path(spec["params"]), spec["overrides"])
     data, tp = PreparedDataset(spec["prepared"]), params.train
     device = resolve_device(tp.device, "train.device")
@@ -63,9 +65,22 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
         start = now
     return {"device": str(device), "steps": len(times), "warmup": warmup,
             "sec_per_iter": sum(times) / len(times), "median_s": sorted(times)[len(times) // 2],
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss": peak_rss(),
             "peak_gpu": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                          else None)}
+
+
+def peak_rss() -> int:
+    """This process's peak resident set, bytes: ``VmHWM``, the high-water mark of its own
+    address space. Not ``ru_maxrss``: Linux carries that over ``exec`` from the forked copy
+    of the parent, so a child of a large parent would report the parent's size."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def _rss(pid: int) -> int:
@@ -118,5 +133,14 @@ def run(spec: dict[str, Any], limit_gb: float = 0.0) -> dict[str, Any]:
     return json.loads(result[-1][len("RESULT "):])
 
 
+def child_main(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    if "flops" in spec:
+        return train_step.count_flops(Path(spec["params"]), spec["overrides"], spec["flops"],
+                                      Path(spec["prepared"]))
+    return train_child(spec)
+
+
 if __name__ == "__main__":
-    print("RESULT " + json.dumps(train_child(json.loads(sys.argv[1]))), flush=True)
+    print("RESULT " + json.dumps(child_main(json.loads(sys.argv[1]))), flush=True)

@@ -337,3 +337,28 @@ def test_train_step_counts_each_presets_arithmetic(prepared):
     with forward, torch.no_grad():
         trainer.method.net(batch["image"])
     assert base > 2 * forward.get_total_flops()
+
+
+def test_child_peak_rss_is_its_own_not_the_large_parents():
+    import subprocess
+
+    import train_child
+
+    hold = b"\x01" * (2560 * 2**20)  # the parent touches 2.5 GiB before starting the child
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import train_child; "
+            "print(train_child.peak_rss())")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(train_child.__file__).parent)],
+                         capture_output=True, text=True, check=True)
+    child = int(out.stdout.split()[-1])
+    assert len(hold) > 0 and train_child.peak_rss() > len(hold)  # the parent's own is large
+    assert 2**20 < child < 1536 * 2**20, child  # the child (torch imported, ≈ 0.7 GiB) is smaller
+
+
+def test_flops_count_runs_in_a_child_process(prepared):
+    import train_child
+    from conftest import ROOT, TINY
+
+    f = train_child.run({"params": str(ROOT / "params.yaml"), "overrides": TINY,
+                         "prepared": str(prepared), "flops": ["baseline", "seco"],
+                         "threads": 1})
+    assert set(f) == {"baseline", "seco"} and 0 < f["baseline"] < f["seco"]
