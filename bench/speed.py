@@ -195,11 +195,7 @@ def part_train_step(ctx: Context) -> list[Row]:
                       f"{(s / b) / (fs / fb):.2f}")]
 
     def voc() -> list[Row]:
-        if ctx.quick:  # as part_memory: ViT-B/16 at 448 takes a minute per step on a CPU
-            size, extra, what = 256, ["train.batch_size=1"], "VOC recipe REDUCED for --quick " \
-                "(ViT-B/16 at 256, batch 1)"
-        else:
-            size, extra, what = 448, [], "VOC recipe (ViT-B/16 at 448, batch 4)"
+        size, extra, what = voc_scale(ctx)
         params, prepared, over = voc_recipe(ctx, size, 4, 2, extra)
         # in a process of its own: the parent keeps no ViT-B/16 memory for the later parts
         f = run_child(ctx, {"params": str(VOC_RECIPE), "overrides": over,
@@ -339,6 +335,15 @@ def voc_recipe(ctx: Context, size: int, n_train: int, n_val: int,
     return params, ctx.cache[key], over
 
 
+def voc_scale(ctx: Context) -> tuple[int, list[str], str]:
+    """(image side, overrides, label) of the VOC recipe's CPU measurements: the recipe, or
+    with ``--quick`` a reduced one (its ViT-B/16 at 448 takes a minute or more per step)."""
+    if ctx.quick:  # 256: every cam_scale (0.5, 0.75, 1.5) gives a multiple of the patch 16
+        return (256, ["train.batch_size=1", "train.num_workers=0"],
+                "VOC recipe REDUCED for --quick (ViT-B/16 at 256, batch 1)")
+    return 448, [], "VOC recipe (ViT-B/16 at 448, batch 4, random init)"
+
+
 def _gib(n: float | None) -> str | None:
     return None if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -370,13 +375,8 @@ def part_memory(ctx: Context) -> list[Row]:
                 "prepared": str(prepared), "warmup": 1, "steps": ctx.n(2, 10)}
         return [_memory_row(what, run_child(ctx, spec))]
 
-    if ctx.quick:  # the recipe's ViT-B/16 at 448 takes minutes per step on a CPU
-        # 256: every cam_scale (0.5, 0.75, 1.5) gives a multiple of the patch size 16
-        size, n, extra = 256, 4, ["train.batch_size=1", "train.num_workers=0"]
-        voc_what = "train, VOC recipe REDUCED for --quick (ViT-B/16 at 256, batch 1)"
-    else:
-        size, n, extra = 448, 8, []
-        voc_what = "train, VOC recipe (ViT-B/16 at 448, batch 4, random init)"
+    size, extra, voc_what = voc_scale(ctx)
+    n, voc_what = ctx.n(4, 8), f"train, {voc_what}"
 
     def voc() -> list[Row]:
         params, prepared, over = voc_recipe(ctx, size, n, 2, extra)

@@ -70,27 +70,29 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
                          else None)}
 
 
+def _status_bytes(pid: int | str, field: str) -> int | None:
+    """A memory field of ``/proc/<pid>/status`` (kB there) in bytes; None if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss() -> int:
     """This process's peak resident set, bytes: ``VmHWM``, the high-water mark of its own
     address space. Not ``ru_maxrss``: Linux carries that over ``exec`` from the forked copy
     of the parent, so a child of a large parent would report the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    hwm = _status_bytes("self", "VmHWM")
+    if hwm is not None:
+        return hwm
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _status_bytes(pid, "VmRSS") or 0
 
 
 class MemoryLimit(RuntimeError):

@@ -43,7 +43,7 @@ def all_on_iteration(tp) -> int:
 
 
 def _setup(params_file: Path, overrides: list[str], presets: list[str], n_batches: int,
-           prepared: Path, tmp: str):
+           prepared: Path | None, tmp: str):
     """(trainers by preset, ``n_batches`` batches, the all-terms-on iteration, device)."""
     base = load_params(params_file, overrides)
     if prepared is None:

@@ -311,31 +311,21 @@ def test_check_params_refuses_an_experiment_that_ran_other_params():
         quality.check_params({"params_ran": ran.dump()}, _spec("seco", 3, "000000000000"))
 
 
-
-def test_train_step_counts_each_presets_arithmetic(prepared):
+def test_train_step_counts_each_presets_arithmetic(prepared, tmp_path):
     import torch
     import train_step
     from conftest import ROOT, TINY
-
-    from seco_cli.data.loader import TrainSamples, train_loader
-    from seco_cli.data.prepared import PreparedDataset
-    from seco_cli.params import load_params
-    from seco_cli.trainer import Trainer
 
     res = train_step.measure(ROOT / "params.yaml", TINY, ["baseline", "seco"], 0, 1, prepared)
     base, seco = res["baseline"]["flops"], res["seco"]["flops"]
     # SeCo adds the patch, second-view and teacher passes to the baseline's step
     assert 0 < base < seco
     # the count holds the backward pass: a step costs more than twice the network's forward
-    p = load_params(ROOT / "params.yaml", [*TINY, "train.preset=baseline"])
-    data = PreparedDataset(prepared)
-    trainer = Trainer(p, data, torch.device("cpu"), {"params": p.dump()})
-    samples = TrainSamples(data, data.ids(p.data.train_split), p.train.batch_size, p.train.seed,
-                           p.model.crop_size, p.train.scale_range, p.data.mean, p.data.std)
-    batch = next(iter(train_loader(samples, 0, 1, 0)))
+    trainers, batches, _, _ = train_step._setup(ROOT / "params.yaml", TINY, ["baseline"], 1,
+                                                prepared, str(tmp_path))
     forward = train_step.FlopCounterMode(display=False)
     with forward, torch.no_grad():
-        trainer.method.net(batch["image"])
+        trainers["baseline"].method.net(batches[0]["image"])
     assert base > 2 * forward.get_total_flops()
 
 
