@@ -303,7 +303,20 @@ def record(results: dict[str, Any], spec: RunSpec, found: dict[str, Any], second
         "overrides": list(spec.overrides), "wall_s": seconds,
         "git_revision": benchlib.git_revision(repo),
         "recorded": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **found}
+        "machine": machine_line(benchlib.machine()), **found}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The machine a run trained on, in one line (stored with the run)."""
+    return (f"{m['cpu']}, {m['usable_cores']} usable of {m['cores']} cores, torch threads "
+            f"{m['torch_threads']}, {m['memory_gib']} GiB, GPU {m['gpu'] or 'none'}, "
+            f"torch {m['torch']}")
+
+
+def run_command(argv: list[str]) -> str:
+    """The command that makes the runs: this one without ``--report-only``/``--dry-run``."""
+    return shlex.join([Path(sys.executable).name,
+                       *(a for a in argv if a not in ("--report-only", "--dry-run"))])
 
 
 def selected(results: dict[str, Any], specs: list[RunSpec]) -> list[dict[str, Any]]:
@@ -317,15 +330,23 @@ def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespa
     runs = selected(results, specs)
     times = [r["wall_s"] for r in runs if r.get("wall_s") and "train" in r.get("stages_run", [])]
     revs = sorted({r.get("git_revision", "?") for r in runs})
+    dates = sorted(r["recorded"] for r in runs if r.get("recorded"))
+    machines = sorted({r.get("machine") or "not recorded (runs before it was stored)"
+                       for r in runs})
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     head = (f"# Quality benchmark: {args.dataset}, profile {args.profile}\n\n"
-            f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`\n"
+            f"- command: `{run_command(sys.argv)}`\n"
             f"- runs: {len(runs)} of {len(specs)} planned (presets {args.presets}; seeds "
             f"{args.seeds}, setting {', '.join(args.seed_keys)}; same data and iterations)\n"
             f"- overrides of params.yaml: `{' '.join(base) or '(none)'}`\n"
             f"- run time per experiment (runs that trained, not restored from DVC's run "
             f"cache): " + (f"mean {sum(times) / len(times) / 60:.1f} min over {len(times)}, "
                            f"total {sum(times) / 3600:.2f} h" if times else "—") + "\n"
-            f"- git revision(s) of the runs: {', '.join(f'`{r}`' for r in revs) or '—'}\n")
+            f"- git revision(s) of the runs: {', '.join(f'`{r}`' for r in revs) or '—'}\n"
+            f"- dates of the runs: {dates[0] + ' to ' + dates[-1] if dates else '—'}\n"
+            f"- machine(s) of the runs: {'; '.join(machines) if runs else '—'}\n"
+            f"- tables rendered: {now} at `{benchlib.git_revision(args.repo.resolve())}`"
+            + (" (`--report-only`)" if args.report_only else "") + "\n")
     text = quality_report.render(runs, head)
     benchlib.write_text(out, text)
     return text

@@ -105,6 +105,46 @@ def test_goal_checks_not_met_and_not_measured():
                       "not measured", "not measured"]
 
 
+def test_fp_tp_goal_is_per_pair_and_counts_the_seeds_where_it_holds():
+    # two context pairs: train improves in both seeds, boat is lost by both presets (FP/TP ≈
+    # 100); a mean over the pairs would call the train's gain "not met"
+    runs = []
+    for seed, (b_train, s_train, b_boat, s_boat) in enumerate([(0.4, 0.2, 100.0, 150.0),
+                                                                (0.3, 0.25, 120.0, 90.0)]):
+        for preset, train_fp, boat_fp in (("baseline", b_train, b_boat),
+                                          ("seco", s_train, s_boat)):
+            run = _run(preset, seed, 0.5 + 0.06 * (preset == "seco") * (seed == 0),
+                       ctx_fp=boat_fp)
+            run["metrics"]["pairs"]["train/background"] = {
+                "cams": {"iou": 0.7, "fp_tp": train_fp},
+                "segment_ms_crf": {"iou": 0.8, "fp_tp": train_fp}}
+            runs.append(run)
+    goals = {g["goal"]: g for g in qr.goal_checks(qr.aggregate(runs), qr.pair_names(runs),
+                                                   runs)}
+    train = goals["FP/TP of train (coupled with background), CAM seeds: "
+                  "SeCo ≤ 0.6 × baseline"]
+    # means 0.225 against 0.6 × 0.35 = 0.21: not met; seed 0 holds (0.2 ≤ 0.24), seed 1 not
+    assert train["status"] == "not met"
+    assert train["measured"] == "SeCo 0.23, 0.6 × baseline 0.21; holds in 1 of 2 seeds"
+    boat = goals["FP/TP of boat (coupled with background), seg MS+CRF: "
+                 "SeCo ≤ 0.6 × baseline"]
+    assert boat["status"] == "not met" and boat["measured"].endswith("holds in 0 of 2 seeds")
+    seg = goals["segmentation mIoU (MS+CRF): SeCo ≥ baseline + 5"]
+    assert seg["measured"] == "SeCo 53.0, baseline 50.0; holds in 1 of 2 seeds"
+    assert not any(g.startswith("mean FP/TP") for g in goals)  # no pooled row
+    # without a context pair every pair counts, one row per victim class (its pairs named)
+    coupled = [g["goal"] for g in qr.goal_checks(qr.aggregate(runs), ["horse/person",
+                                                                      "horse/car", "car/horse"])]
+    assert coupled[0] == "FP/TP of horse (coupled with person, car), CAM seeds: SeCo ≤ 0.6 × " \
+        "baseline"
+    assert coupled[2].startswith("FP/TP of car (coupled with horse), CAM seeds")
+    # without the runs (or a preset's seed), no seed count is claimed
+    plain = qr.goal_checks(qr.aggregate(runs), qr.pair_names(runs))
+    assert not any("holds in" in g["measured"] for g in plain)
+    assert qr.seeds_holding(qr.seed_flats(runs[:3], qr.pair_names(runs)), "seco", "baseline",
+                            "segment_ms_crf.miou", lambda a, b: a >= b) == (1, 1)
+
+
 def test_quality_markdown_has_every_table_and_preset_in_order():
     runs = [_run("seco", 0, 0.5), _run("baseline", 0, 0.4), _run("baseline", 1, 0.42)]
     text = qr.render(runs, "# header\n")
@@ -206,6 +246,33 @@ def test_plan_hashes_the_resolved_params():
     other = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline"], [0],
                          ["train.iterations=10"], ["train.seed"])
     assert other[0].params_hash != a[0].params_hash
+
+
+def test_report_only_header_names_the_run_command_machine_dates_and_render(tmp_path,
+                                                                          monkeypatch, capsys):
+    specs = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline", "seco"], [0], [],
+                         ["train.seed"])
+    results: dict = {"version": 1, "runs": {}}
+    quality.record(results, specs[0], {"metrics": _run("baseline", 0, 0.4)["metrics"]}, 60.0,
+                   benchlib.ROOT)
+    stored = results["runs"][specs[0].key]
+    assert "cores" in stored["machine"] and stored["recorded"]
+    path = tmp_path / "q.json"
+    benchlib.write_json(path, results)
+    argv = ["--presets", "baseline,seco", "--seeds", "0", "--results", str(path),
+            "--report-only"]
+    monkeypatch.setattr(sys, "argv", ["bench/quality.py", *argv])
+    assert quality.main(argv) == 0
+    text = path.with_suffix(".md").read_text()
+    assert text == capsys.readouterr().out.rstrip("\n") + "\n"
+    head = dict(line[2:].split(": ", 1) for line in text.split("\n\n")[1].splitlines())
+    # the command that makes the runs, not the re-rendering one
+    assert head["command"] == (f"`{Path(sys.executable).name} bench/quality.py --presets "
+                               f"baseline,seco --seeds 0 --results {path}`")
+    assert head["runs"].startswith("1 of 2 planned")
+    assert head["machine(s) of the runs"] == stored["machine"]
+    assert head["dates of the runs"] == f"{stored['recorded']} to {stored['recorded']}"
+    assert head["tables rendered"].endswith("(`--report-only`)")
 
 
 def test_bench_profile_scales_every_start_of_the_schedule():
