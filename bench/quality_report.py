@@ -26,6 +26,7 @@ HEADLINE = ("miou", "precision", "recall", "fp_tp")
 PAIR_SOURCES = ("cams", "segment_ms_crf")  # Table 3 is shown for these
 SEG = "segment_ms_crf"  # the paper's segmentation protocol: the goals use it
 FOUND_IOU = 0.5  # a coupled victim counts as segmented in a run at this IoU or above
+PROBE_HEADS = ("final", "aux")  # the isolated-patch probe's classifier heads
 # training statistics of the last logged window (dvclive's metrics.json): (group, key, label,
 # scale) — scale 100 shows a fraction in percent
 TRAIN_STATS = (("seco", "tag_background", "tags bkg %", 100.0),
@@ -94,6 +95,12 @@ def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None
                 out[f"pair.{pair}.{src}.{k}"] = _finite(entry.get(k))
             iou = out[f"pair.{pair}.{src}.iou"]  # 1 when the victim is segmented at all
             out[f"pair.{pair}.{src}.found"] = None if iou is None else float(iou >= FOUND_IOU)
+    probe = (m.get("probe") or {}).get("pairs", {})  # the isolated-patch probe (evaluate)
+    for pair in pairs:
+        for head in PROBE_HEADS:
+            entry = probe.get(pair, {}).get(head) or {}
+            for k in ("auc", "partner_fire", "object_fire"):
+                out[f"probe.{pair}.{head}.{k}"] = _finite(entry.get(k))
     train = run.get("train") or {}
     for group, key, _, _ in TRAIN_STATS:
         section = train if group is None else train.get(group) or {}
@@ -268,6 +275,21 @@ def pair_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str], src: str) 
     return md_table(headers, rows)
 
 
+def probe_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str]) -> str | None:
+    """The isolated-patch probe per pair and head: AUC of the victim's logit, object tiles
+    against partner tiles (1: read from the object, 0.5: no difference, < 0.5: the partner
+    alone is the stronger cue), and the fraction of partner tiles that alone make the
+    classifier say the victim. None when no run has it."""
+    cols = [(q, h) for q in pairs for h in PROBE_HEADS
+            if any(a.get(f"probe.{q}.{h}.auc", (None,))[0] is not None for a in agg.values())]
+    if not cols:
+        return None
+    rows = [[p] + [f"{fmt(agg[p].get(f'probe.{q}.{h}.auc'), 1.0, 2) or '—'} / "
+                   f"{fmt(agg[p].get(f'probe.{q}.{h}.partner_fire')) or '—'}"
+                   for q, h in cols] for p in _presets(agg)]
+    return md_table(["preset"] + [f"{q} {h}: AUC / partner fires %" for q, h in cols], rows)
+
+
 def training_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Each preset's training statistics at its last logged window (tags, rectification,
     μ, contrast losses, speed); a preset without the term shows —."""
@@ -318,6 +340,10 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     if pairs:
         parts += [f"\n## Runs in which each coupled class is segmented (IoU ≥ {FOUND_IOU:.1f})"
                   "\n\n", found_table(agg, pairs)]
+    probe = probe_table(agg, pairs)
+    if probe:
+        parts += ["\n## Isolated-patch probe: the victim's logit on tiles classified alone "
+                  "(object tiles against partner tiles)\n\n", probe]
     parts += ["\n## Training statistics, last logged window (the analysis' evidence)\n\n",
               training_table(agg)]
     parts += ["\n## Goals (means over seeds)\n\n",

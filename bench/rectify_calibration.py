@@ -28,26 +28,13 @@ from seco_cli.checkpoint import load_checkpoint  # noqa: E402
 from seco_cli.data.loader import TrainSamples, train_loader  # noqa: E402
 from seco_cli.data.prepared import PreparedDataset  # noqa: E402
 from seco_cli.losses.contrast import rectify  # noqa: E402
+from seco_cli.metrics import auc  # noqa: E402
 from seco_cli.params import load_params  # noqa: E402
 from seco_cli.tags import patch_tags, region_map  # noqa: E402
 from seco_cli.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-
-
-def auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC by the rank-sum formula (ties share their mean rank); NaN without both classes."""
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = scores.argsort(kind="stable")
-    ranks = np.empty(len(scores), dtype=np.float64)
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):  # average ranks over ties
-        tie = scores == value
-        ranks[tie] = ranks[tie].mean()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @torch.no_grad()

@@ -190,16 +190,20 @@ def evaluate(
     segment: Annotated[Path, _path("Segmentation store (Zarr).")] = SEGMENT,
     metrics: Annotated[Path, _path("Metrics JSON to write.")] = Path("artifacts/metrics/evaluate.json"),
     plots: Annotated[Path, _path("Folder of plot data (CSV) and the full report.")] = Path("artifacts/plots"),
+    model: Annotated[Path, _path("Trained model file, for the isolated-patch probe "
+                                 "(evaluate.probe_images > 0).")] = MODEL,
     params: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Score CAM seeds, pseudo masks and segmentation against the ground truth."""
+    """Score CAM seeds, pseudo masks and segmentation against the ground truth, and probe the
+    classifier with isolated patches of each coupled pair."""
     from stages import evaluate as stage
 
     def body(p: Params) -> dict[str, Any]:
         with RichProgress(err_console).counter("evaluate") as advance:
-            return stage.run(p, prepared, cams, pseudo, segment, metrics, plots, advance)
+            return stage.run(p, prepared, cams, pseudo, segment, metrics, plots, advance,
+                             model=model)
 
     _execute("evaluate", params, set_, debug, body)
 

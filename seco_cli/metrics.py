@@ -226,3 +226,17 @@ def confusion_rows(cm: ConfusionMatrix, class_names: Sequence[str],
         for j, count in enumerate(row):
             rows += [(class_names[i], class_names[j])] * int(round(scale * int(count) / total))
     return rows
+
+
+# --------------------------------------------------------------------------- ranking
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC by the rank-sum formula: P(a positive scores above a negative), ties counting
+    half (tied values share their mean rank); NaN without both classes."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    ranks = (ends - (counts - 1) / 2.0)[inverse]  # 1-based mean rank of each value's ties
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

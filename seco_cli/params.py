@@ -369,6 +369,13 @@ class EvaluateParams(_Section):
     top_pairs: int = Field(5, ge=0)  # pairs taken from co-occurrence counts when none given
     grid_images: int = Field(4, ge=0)  # picture grid: first n ids (sorted) of each split; 0 = none
     grid_panel: int = Field(128, ge=16)  # side of one grid panel in pixels
+    # isolated-patch probe (seco_cli.probe): n ids of the cams split with a mask, evenly spread
+    # over its sorted ids, cut into train.patch_size tiles classified alone; 0 = off
+    probe_images: int = Field(200, ge=0)
+    probe_step: float = Field(0.5, gt=0, le=1)  # tile grid step, as a fraction of the tile side
+    probe_min_fraction: float = Field(0.25, gt=0, le=1)  # object/partner tile: this pixel share
+    probe_batch_size: int = Field(256, ge=1)  # tiles per forward pass
+    device: str = "auto"  # of the probe's forward passes
 
 
 class Params(_Section):

@@ -17,6 +17,12 @@ CAM | pseudo mask | prediction (the ``ms_crf`` variant).
 
 Pairs (paper Table 3) come from ``evaluate.pairs`` or, when that is empty, from the
 ``evaluate.top_pairs`` most frequent class pairs of the train split's co-occurrence counts.
+
+With ``evaluate.probe_images`` > 0 the trained model also runs the isolated-patch probe
+(:mod:`seco_cli.probe`) on that many images of the cams split: per pair, does the partner
+(context or co-occurring object) alone make the classifier say the victim? Its summary goes
+to the metrics under ``probe``; it is what tells pure co-occurrence (the context alone
+carries the class) from attention leakage (it carries it only inside the whole image).
 """
 
 from __future__ import annotations
@@ -104,6 +110,8 @@ def compact(report: dict[str, Any]) -> dict[str, Any]:
                if name in report["sources"]}
         for pair in report["sources"]["cams"]["pairs"]
     }
+    if "probe" in report:
+        out["probe"] = report["probe"]
     return out
 
 
@@ -229,10 +237,43 @@ def _segment_store(path: Path) -> StoreReader:
     return store
 
 
+def probe_ids(data: PreparedDataset, split: str, count: int) -> list[str]:
+    """``count`` ids of ``split`` with a mask, evenly spread over its sorted ids (all of them
+    when there are fewer)."""
+    ids = sorted(i for i in data.ids(split) if data.has_mask(i))
+    if count >= len(ids):
+        return ids
+    return [ids[k] for k in np.linspace(0, len(ids) - 1, count).round().astype(int)]
+
+
+def _probe(params: Params, prepared: Path, model: Path, split: str,
+           pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """The isolated-patch probe of the trained model on the cams split (seco_cli.probe)."""
+    import torch  # only this part of the stage needs it
+
+    from seco_cli.inference import setup
+    from seco_cli.probe import patch_probe
+
+    ep = params.evaluate
+    inf = setup(params, prepared, model, ep.device, "evaluate.device", split)
+    ids = probe_ids(inf.data, split, ep.probe_images)
+    if not ids:
+        raise SecoError(f"split '{split}' has no image with a mask for the patch probe",
+                        str(prepared), "set evaluate.probe_images=0 to skip the probe")
+    torch.manual_seed(0)  # nothing random runs; a fixed state all the same
+    return patch_probe(inf.net, inf.data, ids, resolve_pairs(pairs, inf.data.classes),
+                       [f"{v}/{q}" for v, q in pairs], params.model.crop_size,
+                       params.train.patch_size, ep.probe_step, params.data.mean,
+                       params.data.std,
+                       ep.probe_min_fraction, ep.probe_batch_size, inf.device)
+
+
 def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
-        metrics_out: Path, plots_dir: Path, progress: Advance | None = None) -> dict[str, Any]:
+        metrics_out: Path, plots_dir: Path, progress: Advance | None = None,
+        model: Path | None = None) -> dict[str, Any]:
     """Score every source, write ``metrics_out`` and the plot folder (CSVs, full report, picture
-    grid), return the metrics.
+    grid), return the metrics. With ``model`` and ``evaluate.probe_images`` > 0 the
+    isolated-patch probe runs too.
 
     ``progress``, when given, is called with the number of images just scored (an "advance").
     """
@@ -255,6 +296,8 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
     report = {"classes": data.classes, "pairs": [list(p) for p in pairs],
               "pairs_from": "params" if params.evaluate.pairs else "cooccurrence",
               "sources": sources}
+    if model is not None and params.evaluate.probe_images > 0:
+        report["probe"] = _probe(params, prepared, model, cam_split, pairs)
     metrics = compact(report)
     files = plot_files(report)
     rows = _grid_rows(data, [cam_split, seg_split], stores, params.evaluate.grid_images)

@@ -13,18 +13,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import rectify_calibration as rc  # noqa: E402
 
 
-def test_auc_counts_correctly_ordered_pairs():
-    scores = np.array([0.1, 0.4, 0.35, 0.8])
-    positive = np.array([False, False, True, True])
-    # pairs (pos, neg): 0.35>0.1 yes, 0.35>0.4 no, 0.8>0.1 yes, 0.8>0.4 yes → 3/4
-    assert rc.auc(scores, positive) == pytest.approx(0.75)
-
-
-def test_auc_ties_count_half_and_degenerate_is_nan():
-    assert rc.auc(np.array([0.5, 0.5]), np.array([True, False])) == pytest.approx(0.5)
-    assert np.isnan(rc.auc(np.array([0.1, 0.2]), np.array([True, True])))
-
-
 def test_report_precision_and_recall_of_firing():
     # 4 eligible patches, tags vs ground truth: two noisy; fractions 0.95, 0.2 noisy / 0.9, 0.1 clean
     rows = {"tag": np.array([1, 1, 2, 2]), "gt": np.array([0, 1, 0, 2]),
@@ -207,6 +195,24 @@ def test_found_table_counts_the_runs_where_the_victim_is_segmented():
     assert "| preset | boat/background (CAM seeds) | boat/background (seg MS+CRF) |" in table
     # boat cams 2 of 3 (0.5 counts); boat seg IoU 0.3 → 0 of 3; horse/person 0.6, 0.7 → 3 of 3
     assert "| seco | 2/3 | 0/3 | 3/3 | 3/3 |" in table
+
+
+def test_probe_table_only_when_a_run_has_the_probe():
+    assert "Isolated-patch probe" not in qr.render([_run("seco", 0, 0.5)], "")
+    runs = [_run("baseline", 0, 0.4), _run("seco", 0, 0.5), _run("seco", 1, 0.5)]
+    for run, a in zip(runs, (0.3, 0.8, 0.9), strict=True):
+        run["metrics"]["probe"] = {"pairs": {"boat/background": {
+            "object_tiles": 5, "partner_tiles": 9,
+            "final": {"auc": a, "partner_fire": 1 - a, "object_fire": 0.9, "logit_gap": 1.0},
+            "aux": {"auc": None, "partner_fire": None, "object_fire": 0.1,
+                    "logit_gap": None}}}}
+    text = qr.render(runs, "")
+    table = text.split("## Isolated-patch probe")[1].split("##")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    # the aux head has no AUC in any run: no column; horse/person has no probe entry
+    assert lines[0] == "| preset | boat/background final: AUC / partner fires % |"
+    assert lines[1] == "| baseline | 0.30 / 70.0 |"
+    assert lines[2] == "| seco | 0.85 ± 0.07 / 15.0 ± 7.1 |"
 
 
 def test_md_table_and_goal_status():

@@ -180,3 +180,20 @@ def test_store_lacking_a_split_image_is_refused(paths):
     seg.finish()
     with pytest.raises(SecoError, match="1 image\\(s\\) of split 'val'.*'v2'"):
         _run(paths, _params(PAIRS))
+
+
+def test_probe_without_a_model_fails_before_writing(paths):
+    params = _params(PAIRS)
+    with pytest.raises(MissingInputError, match="model"):
+        _run(paths, params, model=paths["prepared"].parent / "no-model.pt")
+    assert not paths["metrics"].exists() and not paths["plots"].exists()
+    params.evaluate.probe_images = 0  # off: the model is not read
+    assert "probe" not in _run(paths, params, model=paths["prepared"].parent / "no-model.pt")
+
+
+def test_probe_ids_spread_evenly_over_the_masked_ids(paths):
+    from seco_cli.data.prepared import PreparedDataset
+
+    data = PreparedDataset(paths["prepared"])
+    assert evaluate.probe_ids(data, "train", 5) == ["t1", "t2"]  # t3 has no mask
+    assert evaluate.probe_ids(data, "val", 1) == ["v1"]

@@ -11,6 +11,7 @@ from seco_cli.errors import SecoError
 from seco_cli.metrics import (
     BkgSweep,
     ConfusionMatrix,
+    auc,
     best_threshold,
     confusion_rows,
     cooccurring_pairs,
@@ -166,3 +167,26 @@ def test_confusion_rows_are_row_normalised_weights():
     assert counts[("b", "b")] == 1000
     assert len(rows) == 2999
     assert confusion_rows(ConfusionMatrix(3), ABC) == []
+
+
+def test_auc_counts_correctly_ordered_pairs():
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    positive = np.array([False, False, True, True])
+    # pairs (pos, neg): 0.35>0.1 yes, 0.35>0.4 no, 0.8>0.1 yes, 0.8>0.4 yes → 3/4
+    assert auc(scores, positive) == pytest.approx(0.75)
+
+
+def test_auc_ties_count_half_and_degenerate_is_nan():
+    assert auc(np.array([0.5, 0.5]), np.array([True, False])) == pytest.approx(0.5)
+    # a tie among three: positive 0.5 against negatives 0.5 (half) and 0.2 (win) → 0.75
+    assert auc(np.array([0.5, 0.5, 0.2]), np.array([True, False, False])) == pytest.approx(0.75)
+    assert np.isnan(auc(np.array([0.1, 0.2]), np.array([True, True])))
+
+
+def test_auc_matches_counting_every_pair():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    positive = rng.random(60) < 0.4
+    pos, neg = scores[positive], scores[~positive]
+    wins = (pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()
+    assert auc(scores, positive) == pytest.approx(wins / (pos.size * neg.size))

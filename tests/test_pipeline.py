@@ -37,7 +37,8 @@ def _pipeline(a: Path) -> dict:
             "--out", str(a / "segment.zarr"), "--png-dir", str(a / "png"))
     _invoke("evaluate", "--prepared", str(a / "prepared"), "--cams", str(a / "cams.zarr"),
             "--pseudo", str(a / "pseudo.zarr"), "--segment", str(a / "segment.zarr"),
-            "--metrics", str(a / "m/evaluate.json"), "--plots", str(a / "plots"))
+            "--model", str(a / "train/model.pt"), "--metrics", str(a / "m/evaluate.json"),
+            "--plots", str(a / "plots"))
     return json.loads((a / "m/evaluate.json").read_text())
 
 
@@ -79,6 +80,16 @@ def test_six_stages_end_to_end(tmp_path: Path):
     metrics = json.loads((a / "m/evaluate.json").read_text())
     for name in ("cams", "pseudo", "segment_raw", "segment_ms_crf"):
         assert 0.0 <= metrics[name]["miou"] <= 1.0
+    # the isolated-patch probe: every train image (fewer than probe_images), each pair
+    probe = metrics["probe"]
+    assert probe["images"] == 24 and probe["patch"] == ckpt["meta"]["params"]["train"][
+        "patch_size"]
+    assert set(probe["pairs"]) == set(metrics["pairs"])
+    for pair in probe["pairs"].values():
+        assert pair["object_tiles"] > 0
+        for head in ("final", "aux"):
+            assert pair[head]["object_fire"] is not None and 0 <= pair[head]["object_fire"] <= 1
+            assert pair[head]["auc"] is None or 0 <= pair[head]["auc"] <= 1
     rows = (a / "train/prototype_similarity.csv").read_text().splitlines()
     assert rows[0] == "a,b,similarity" and len(rows) == 1 + 6 * 6
     assert rows[1].startswith("boat,boat,1.0") or rows[1].startswith("boat,boat,0.99")
