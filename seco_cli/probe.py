@@ -117,8 +117,11 @@ def patch_probe(net: SeCoNet, data: PreparedDataset, ids: Sequence[str],
                     scores[name][h][1].extend(victim[is_partner].tolist())
         pending.clear()
 
+    victims = {v for v, _ in pairs}
     queued = 0
     for image_id in ids:
+        if not victims.intersection(data.labels(image_id)):
+            continue  # no pair's victim: none of its tiles would count
         image = resize_square(to_tensor(data.image(image_id), mean, std), crop)
         mask = torch.from_numpy(np.ascontiguousarray(data.mask(image_id)))
         mask = F.interpolate(mask[None, None].float(), size=(crop, crop), mode="nearest")[0, 0]

@@ -249,9 +249,7 @@ def probe_ids(data: PreparedDataset, split: str, count: int) -> list[str]:
 def _probe(params: Params, prepared: Path, model: Path, split: str,
            pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """The isolated-patch probe of the trained model on the cams split (seco_cli.probe)."""
-    import torch  # only this part of the stage needs it
-
-    from seco_cli.inference import setup
+    from seco_cli.inference import setup  # torch: only this part of the stage needs it
     from seco_cli.probe import patch_probe
 
     ep = params.evaluate
@@ -260,7 +258,6 @@ def _probe(params: Params, prepared: Path, model: Path, split: str,
     if not ids:
         raise SecoError(f"split '{split}' has no image with a mask for the patch probe",
                         str(prepared), "set evaluate.probe_images=0 to skip the probe")
-    torch.manual_seed(0)  # nothing random runs; a fixed state all the same
     return patch_probe(inf.net, inf.data, ids, resolve_pairs(pairs, inf.data.classes),
                        [f"{v}/{q}" for v, q in pairs], params.model.crop_size,
                        params.train.patch_size, ep.probe_step, params.data.mean,
