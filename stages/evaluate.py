@@ -253,6 +253,10 @@ def _probe(params: Params, prepared: Path, model: Path, split: str,
     from seco_cli.probe import patch_probe
 
     ep = params.evaluate
+    if not Path(model).is_file():
+        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
+                                "needs it)", str(model), "run `seco train`, pass --model, or "
+                                "set evaluate.probe_images=0 to skip the probe")
     inf = setup(params, prepared, model, ep.device, "evaluate.device", split)
     ids = probe_ids(inf.data, split, ep.probe_images)
     if not ids:
@@ -261,8 +265,7 @@ def _probe(params: Params, prepared: Path, model: Path, split: str,
     return patch_probe(inf.net, inf.data, ids, resolve_pairs(pairs, inf.data.classes),
                        [f"{v}/{q}" for v, q in pairs], params.model.crop_size,
                        params.train.patch_size, ep.probe_step, params.data.mean,
-                       params.data.std,
-                       ep.probe_min_fraction, ep.probe_batch_size, inf.device)
+                       params.data.std, ep.probe_min_fraction, ep.probe_batch_size, inf.device)
 
 
 def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
