@@ -345,7 +345,7 @@ def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespa
             f"- git revision(s) of the runs: {', '.join(f'`{r}`' for r in revs) or '—'}\n"
             f"- dates of the runs: {dates[0] + ' to ' + dates[-1] if dates else '—'}\n"
             f"- machine(s) of the runs: {'; '.join(machines) if runs else '—'}\n"
-            f"- tables rendered: {now} at `{benchlib.git_revision(args.repo.resolve())}`"
+            f"- tables rendered: {now} by the report code at `{benchlib.git_revision()}`"
             + (" (`--report-only`)" if args.report_only else "") + "\n")
     text = quality_report.render(runs, head)
     benchlib.write_text(out, text)
