@@ -253,10 +253,6 @@ def _probe(params: Params, prepared: Path, model: Path, split: str,
     from seco_cli.probe import patch_probe
 
     ep = params.evaluate
-    if not Path(model).is_file():
-        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
-                                "needs it)", str(model), "run `seco train`, pass --model, or "
-                                "set evaluate.probe_images=0 to skip the probe")
     inf = setup(params, prepared, model, ep.device, "evaluate.device", split)
     ids = probe_ids(inf.data, split, ep.probe_images)
     if not ids:
@@ -277,6 +273,11 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
 
     ``progress``, when given, is called with the number of images just scored (an "advance").
     """
+    probe = model is not None and params.evaluate.probe_images > 0
+    if probe and not Path(model).is_file():  # before any scoring
+        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
+                                "needs it)", str(model), "run `seco train`, pass --model, or "
+                                "set evaluate.probe_images=0 to skip the probe")
     data = PreparedDataset(prepared)
     stores = {"cams": StoreReader(cams, "cams", stage_hint="cams"),
               "pseudo": StoreReader(pseudo, "pseudo", stage_hint="pseudo"),
@@ -296,7 +297,7 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
     report = {"classes": data.classes, "pairs": [list(p) for p in pairs],
               "pairs_from": "params" if params.evaluate.pairs else "cooccurrence",
               "sources": sources}
-    if model is not None and params.evaluate.probe_images > 0:
+    if probe:
         report["probe"] = _probe(params, prepared, model, cam_split, pairs)
     metrics = compact(report)
     files = plot_files(report)

@@ -184,8 +184,11 @@ def test_store_lacking_a_split_image_is_refused(paths):
 
 def test_probe_without_a_model_fails_before_writing(paths):
     params = _params(PAIRS)
+    progress = []  # no image is scored before the check
     with pytest.raises(MissingInputError, match="model") as err:
-        _run(paths, params, model=paths["prepared"].parent / "no-model.pt")
+        _run(paths, params, progress=progress.append,
+             model=paths["prepared"].parent / "no-model.pt")
+    assert progress == []
     assert "evaluate.probe_images=0" in str(err.value.fix)
     assert not paths["metrics"].exists() and not paths["plots"].exists()
     params.evaluate.probe_images = 0  # off: the model is not read
