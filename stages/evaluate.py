@@ -273,15 +273,15 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
 
     ``progress``, when given, is called with the number of images just scored (an "advance").
     """
-    probe = model is not None and params.evaluate.probe_images > 0
-    if probe and not Path(model).is_file():  # before any scoring
-        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
-                                "needs it)", str(model), "run `seco train`, pass --model, or "
-                                "set evaluate.probe_images=0 to skip the probe")
     data = PreparedDataset(prepared)
     stores = {"cams": StoreReader(cams, "cams", stage_hint="cams"),
               "pseudo": StoreReader(pseudo, "pseudo", stage_hint="pseudo"),
               "segment": _segment_store(segment)}
+    probe = model is not None and params.evaluate.probe_images > 0
+    if probe and not Path(model).is_file():  # after the stores, before any scoring
+        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
+                                "needs it)", str(model), "run `seco train` first, pass --model, "
+                                "or set evaluate.probe_images=0 to skip the probe")
     # pseudo masks are made from the CAMs, so they cover the cams split
     cam_split = params.cams.split or params.data.train_split
     seg_split = params.segment.split or params.data.eval_split

@@ -46,7 +46,7 @@ def _one_line(result, *needles: str) -> str:
     ("cams", "model", "train"),
     ("pseudo", "cams", "cams"),
     ("segment", "model", "train"),
-    ("evaluate", "cams", "cams"),
+    ("evaluate", "cams", "cams"),  # the stores are checked before the probe's model
 ])
 def test_stage_before_its_inputs_names_the_stage_to_run(tmp_path: Path, prepared: Path,
                                                         command: str, missing: str, first: str):
@@ -60,7 +60,8 @@ def test_stage_before_its_inputs_names_the_stage_to_run(tmp_path: Path, prepared
             "segment": ["--out", str(tmp_path / "out.zarr"), "--png-dir", str(tmp_path / "png")],
             "evaluate": ["--metrics", str(tmp_path / "out.json"), "--plots", str(tmp_path / "plots")]}
     ins = {"train": ["prepared"], "cams": ["prepared", "model"], "pseudo": ["prepared", "cams"],
-           "segment": ["prepared", "model"], "evaluate": ["prepared", "cams", "pseudo", "segment"]}
+           "segment": ["prepared", "model"],
+           "evaluate": ["prepared", "cams", "pseudo", "segment", "model"]}
     args = [a for name in ins[command] for a in (f"--{name}", str(paths[name]))]
     result = _run(command, *args, *outs[command])
     _one_line(result, "never-made", f"run `seco {first}` first")
