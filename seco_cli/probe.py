@@ -61,8 +61,8 @@ def tile_fractions(mask: torch.Tensor, size: int, num_labels: int,
     tiles = tile(mask, size, step).reshape(-1, size * size).long()
     valid = tiles != IGNORE
     counts = torch.zeros(tiles.shape[0], num_labels + 1, dtype=torch.float64)
-    counts.scatter_add_(1, torch.where(valid, tiles, num_labels), torch.ones_like(counts[:, :1])
-                        .expand(-1, tiles.shape[1]).contiguous())
+    counts.scatter_add_(1, torch.where(valid, tiles, num_labels),
+                        torch.ones(tiles.shape, dtype=counts.dtype))
     labelled = counts[:, :num_labels].sum(1, keepdim=True)
     return (counts[:, :num_labels] / labelled.clamp(min=1)).numpy()
 

@@ -32,7 +32,7 @@ import io
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,12 @@ AUX = "aux"  # group of the auxiliary CAMs in the CAM store
 HEADLINE = ("miou", "precision", "recall", "fp_tp")
 PAIR_SOURCES = ("cams", "pseudo", *SEGMENT_VARIANTS.values())
 GRID = "samples.png"
+if TYPE_CHECKING:  # torch only where the probe runs
+    import torch
+
+    from seco_cli.models.network import SeCoNet
+
+    ProbeModel = tuple[SeCoNet, torch.device, list[str]]
 Advance = Callable[[int], None]
 
 
@@ -246,22 +252,39 @@ def probe_ids(data: PreparedDataset, split: str, count: int) -> list[str]:
     return [ids[k] for k in np.linspace(0, len(ids) - 1, count).round().astype(int)]
 
 
-def _probe(params: Params, prepared: Path, model: Path, split: str,
-           pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """The isolated-patch probe of the trained model on the cams split (seco_cli.probe)."""
-    from seco_cli.inference import setup  # torch: only this part of the stage needs it
-    from seco_cli.probe import patch_probe
+def _probe_model(params: Params, model: Path, data: PreparedDataset, split: str
+                 ) -> ProbeModel:
+    """The trained network for the isolated-patch probe, its device and the probe's ids: read
+    before any image is scored, so a missing or unfit model, or a split without masks, fails
+    first."""
+    from seco_cli.device import resolve_device  # torch: only this part of the stage needs it
+    from seco_cli.inference import load_model
 
     ep = params.evaluate
-    inf = setup(params, prepared, model, ep.device, "evaluate.device", split)
-    ids = probe_ids(inf.data, split, ep.probe_images)
+    if not Path(model).is_file():
+        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
+                                "needs it)", str(model), "run `seco train` first, pass --model, "
+                                "or set evaluate.probe_images=0 to skip the probe")
+    ids = probe_ids(data, split, ep.probe_images)
     if not ids:
         raise SecoError(f"split '{split}' has no image with a mask for the patch probe",
-                        str(prepared), "set evaluate.probe_images=0 to skip the probe")
-    return patch_probe(inf.net, inf.data, ids, resolve_pairs(pairs, inf.data.classes),
+                        str(data.path), "set evaluate.probe_images=0 to skip the probe")
+    device = resolve_device(ep.device, "evaluate.device")
+    net, _ = load_model(model, params, data.num_classes, device)
+    return net, device, ids
+
+
+def _probe(params: Params, data: PreparedDataset, loaded: ProbeModel,
+           pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """The isolated-patch probe (seco_cli.probe) of the model :func:`_probe_model` read."""
+    from seco_cli.probe import patch_probe
+
+    net, device, ids = loaded
+    ep = params.evaluate
+    return patch_probe(net, data, ids, resolve_pairs(pairs, data.classes),
                        [f"{v}/{q}" for v, q in pairs], params.model.crop_size,
                        params.train.patch_size, ep.probe_step, params.data.mean,
-                       params.data.std, ep.probe_min_fraction, ep.probe_batch_size, inf.device)
+                       params.data.std, ep.probe_min_fraction, ep.probe_batch_size, device)
 
 
 def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
@@ -277,13 +300,11 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
     stores = {"cams": StoreReader(cams, "cams", stage_hint="cams"),
               "pseudo": StoreReader(pseudo, "pseudo", stage_hint="pseudo"),
               "segment": _segment_store(segment)}
-    probe = model is not None and params.evaluate.probe_images > 0
-    if probe and not Path(model).is_file():  # after the stores, before any scoring
-        raise MissingInputError(f"model '{model}' does not exist (the isolated-patch probe "
-                                "needs it)", str(model), "run `seco train` first, pass --model, "
-                                "or set evaluate.probe_images=0 to skip the probe")
     # pseudo masks are made from the CAMs, so they cover the cams split
     cam_split = params.cams.split or params.data.train_split
+    loaded = None  # after the stores, before any scoring
+    if model is not None and params.evaluate.probe_images > 0:
+        loaded = _probe_model(params, model, data, cam_split)
     seg_split = params.segment.split or params.data.eval_split
     pairs = _pairs(params, data)
     sources = {"cams": _eval_cams(data, stores["cams"], cam_split, params, pairs, progress)}
@@ -297,8 +318,8 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
     report = {"classes": data.classes, "pairs": [list(p) for p in pairs],
               "pairs_from": "params" if params.evaluate.pairs else "cooccurrence",
               "sources": sources}
-    if probe:
-        report["probe"] = _probe(params, prepared, model, cam_split, pairs)
+    if loaded is not None:
+        report["probe"] = _probe(params, data, loaded, pairs)
     metrics = compact(report)
     files = plot_files(report)
     rows = _grid_rows(data, [cam_split, seg_split], stores, params.evaluate.grid_images)
