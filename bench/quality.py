@@ -23,7 +23,11 @@ train.seed,prepare.seed`` also redraws the synthetic data per seed.
     python bench/quality.py --report-only           # rebuild the tables (same options)
     python bench/quality.py --dry-run               # list the runs still to do
 
-Writes ``bench/results/quality-<dataset>-<profile>.json`` (the runs) and ``.md`` (the tables).
+Writes ``bench/results/quality-<dataset>-<profile>.json`` (the runs, each with the params it
+ran) and ``.md`` (the tables). A run is reused only under the very same params; when
+params.yaml or the code's params have moved on since, ``--report-only`` still renders the
+latest run of the same command (preset, seed, overrides) and the header lists, per run, which
+params differ.
 Do not run ``dvc`` commands in the same repository while it runs (DVC's lock).
 """
 
@@ -210,12 +214,15 @@ def find_experiment(show: list[dict[str, Any]], name: str) -> dict[str, Any] | N
 
 def check_params(found: dict[str, Any], spec: RunSpec) -> None:
     """The experiment's params.yaml (as DVC wrote it from the ``-S`` overrides) must be the
-    params the spec was hashed from; otherwise its result would be stored under a wrong key."""
+    params the spec was hashed from; otherwise its result would be stored under a wrong key.
+    The validated params are kept with the run (``params``), so a later report can say what
+    changed when params.yaml or the code moves on."""
     ran = found.pop("params_ran", None)
     got = params_hash(Params.model_validate(ran)) if ran is not None else None
     if got != spec.params_hash:
         raise RuntimeError(f"experiment {spec.name} ran with other params than planned (hash "
                            f"{got} ≠ {spec.params_hash}); not recorded")
+    found["params"] = Params.model_validate(ran).dump()
 
 
 def fingerprint(repo: Path) -> dict[str, Any]:
@@ -325,9 +332,99 @@ def selected(results: dict[str, Any], specs: list[RunSpec]) -> list[dict[str, An
     return [runs[s.key] for s in specs if s.key in runs]
 
 
+# --------------------------------------------------------------------------- params drift
+def stand_in(results: dict[str, Any], spec: RunSpec) -> dict[str, Any] | None:
+    """The latest stored run of the same command — dataset, profile, preset, seed and the
+    very same overrides — made under other params than ``spec`` resolves to now (params.yaml
+    or the params model changed since). ``--report-only`` renders it, flagged; a bench run
+    re-runs it."""
+    same = [r for r in results.get("runs", {}).values()
+            if (r.get("dataset"), r.get("profile"), r.get("preset"), r.get("seed"),
+                tuple(r.get("overrides") or ())) ==
+            (spec.dataset, spec.profile, spec.preset, spec.seed, spec.overrides)]
+    return max(same, key=lambda r: r.get("recorded") or "", default=None)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def params_diff(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] = ()) -> \
+        list[str]:
+    """``key: old → new`` for every leaf that differs (``absent`` where one side lacks it),
+    sorted; keys under a ``skip`` prefix (what both sides set alike) are left out."""
+    a, b = flatten(old), flatten(new)
+    rows = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in skip) or a.get(key, ...) == \
+                b.get(key, ...):
+            continue
+        show = (lambda t, k: json.dumps(t[k]) if k in t else "absent")
+        rows.append(f"{key}: {show(a, key)} → {show(b, key)}")
+    return rows
+
+
+def yaml_at(repo: Path, revision: str) -> dict[str, Any] | None:
+    """params.yaml as committed at ``revision`` (``-dirty`` stripped), or None."""
+    rev = revision.removesuffix("-dirty")
+    try:
+        done = subprocess.run(["git", "show", f"{rev}:params.yaml"], cwd=repo,
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return yaml.safe_load(done.stdout) if done.returncode == 0 else None
+
+
+def drift(run: dict[str, Any], spec: RunSpec, repo: Path) -> str:
+    """What differs between the params ``run`` was made with and those ``spec`` resolves to
+    now: from the params stored with the run; for runs recorded before they were stored, from
+    params.yaml at the run's revision against params.yaml now (the overridden keys left out;
+    defaults the code added since cannot be seen that way)."""
+    if run.get("params") is not None:
+        now = load_params(repo / "params.yaml", list(spec.overrides)).dump()
+        rows, source = params_diff(run["params"], now), "stored params"
+    else:
+        then = yaml_at(repo, run.get("git_revision") or "")
+        if then is None:
+            return "params not stored with the run, and its revision's params.yaml is not here"
+        now = yaml.safe_load((repo / "params.yaml").read_text())
+        skip = tuple(o.split("=", 1)[0] for o in spec.overrides)
+        rows = params_diff(then, now, skip)
+        source = (f"params.yaml at `{run['git_revision'].removesuffix('-dirty')[:7]}` "
+                  f"→ now (params not stored with the run; defaults added in code not seen)")
+    shown = rows[:12] + ([f"… {len(rows) - 12} more"] if len(rows) > 12 else [])
+    return f"{source}: " + ("; ".join(f"`{r}`" for r in shown) if rows else "no key differs")
+
+
+def drift_lines(stand_ins: list[tuple[RunSpec, dict[str, Any]]], specs: list[RunSpec],
+                repo: Path) -> str:
+    """The header's params-drift line(s): one per distinct difference, naming its runs."""
+    if not stand_ins:
+        return "- params drift: none (every run has the params this command resolves to now)\n"
+    groups: dict[str, list[str]] = {}
+    for spec, run in stand_ins:
+        groups.setdefault(drift(run, spec, repo), []).append(f"{spec.preset} s{spec.seed}")
+    text = (f"- params drift: {len(stand_ins)} of {len(specs)} runs were made with other params "
+            f"than this command resolves to now; `--report-only` shows them (the bench itself "
+            f"would re-run them):\n")
+    return text + "".join(f"  - {', '.join(names)}: {diff}\n" for diff, names in groups.items())
+
+
 def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespace,
            base: list[str], out: Path) -> str:
     runs = selected(results, specs)
+    stand_ins: list[tuple[RunSpec, dict[str, Any]]] = []
+    if args.report_only:  # runs of the same command under older params, flagged below
+        stored = results.get("runs", {})
+        chosen = {s: stored.get(s.key) or stand_in(results, s) for s in specs}
+        stand_ins = [(s, r) for s, r in chosen.items() if s.key not in stored and r]
+        runs = [r for r in chosen.values() if r]
     times = [r["wall_s"] for r in runs if r.get("wall_s") and "train" in r.get("stages_run", [])]
     revs = sorted({r.get("git_revision", "?") for r in runs})
     dates = sorted(r["recorded"] for r in runs if r.get("recorded"))
@@ -345,6 +442,7 @@ def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespa
             f"- git revision(s) of the runs: {', '.join(f'`{r}`' for r in revs) or '—'}\n"
             f"- dates of the runs: {dates[0] + ' to ' + dates[-1] if dates else '—'}\n"
             f"- machine(s) of the runs: {'; '.join(machines) if runs else '—'}\n"
+            + drift_lines(stand_ins, specs, args.repo.resolve()) +
             f"- tables rendered: {now} by the report code at `{benchlib.git_revision()}`"
             + (" (`--report-only`)" if args.report_only else "") + "\n")
     text = quality_report.render(runs, head)

@@ -378,8 +378,8 @@ def test_check_params_refuses_an_experiment_that_ran_other_params():
     ran = load_params(benchlib.ROOT / "params.yaml", ["train.seed=3"])
     spec = _spec("seco", 3, quality.params_hash(ran))
     found = {"params_ran": ran.dump(), "metrics": {}}
-    quality.check_params(found, spec)  # same params: accepted, the params dropped
-    assert "params_ran" not in found
+    quality.check_params(found, spec)  # same params: accepted, kept validated as "params"
+    assert "params_ran" not in found and found["params"] == ran.dump()
     with pytest.raises(RuntimeError, match="other params"):
         quality.check_params({"params_ran": ran.dump()}, _spec("seco", 3, "000000000000"))
 
@@ -425,3 +425,61 @@ def test_flops_count_runs_in_a_child_process(prepared):
                          "prepared": str(prepared), "flops": ["baseline", "seco"],
                          "threads": 1})
     assert set(f) == {"baseline", "seco"} and 0 < f["baseline"] < f["seco"]
+
+
+def test_params_diff_lists_changed_added_and_removed_leaves_but_not_skipped_ones():
+    old = {"train": {"lr": 0.1, "beta": 0.9, "gone": 1}, "cams": {"scales": [1.0]}}
+    new = {"train": {"lr": 0.2, "beta": 0.9, "new": "x"}, "cams": {"scales": [1.0, 2.0]}}
+    assert quality.flatten(old) == {"train.lr": 0.1, "train.beta": 0.9, "train.gone": 1,
+                                    "cams.scales": [1.0]}
+    assert quality.params_diff(old, new) == ["cams.scales: [1.0] → [1.0, 2.0]",
+                                             "train.gone: 1 → absent", "train.lr: 0.1 → 0.2",
+                                             'train.new: absent → "x"']
+    assert quality.params_diff(old, new, skip=("train.lr", "cams")) == [
+        "train.gone: 1 → absent", 'train.new: absent → "x"']
+    assert quality.params_diff(old, old) == []
+
+
+def test_report_only_renders_runs_of_the_same_command_under_older_params_and_flags_them(
+        tmp_path, monkeypatch):
+    """params.yaml moved on since the runs (here: a different lr): the bench would re-run
+    them, but --report-only renders the latest run of the same command, and its header lists
+    what differs, from the params stored with the run."""
+    from seco_cli.params import load_params
+
+    specs = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline", "seco"], [0], [],
+                         ["train.seed"])
+    results: dict = {"version": 1, "runs": {}}
+    for spec, lr, when, value in ((specs[0], 0.5, "2026-01-01", 0.3),
+                                  (specs[0], 0.25, "2026-01-02", 0.4),
+                                  (specs[1], None, "2026-01-01", 0.6)):
+        over = list(spec.overrides) + ([f"train.lr={lr}"] if lr else [])
+        ran = load_params(benchlib.ROOT / "params.yaml", over)
+        h = quality.params_hash(ran)
+        old = quality.RunSpec(spec.dataset, spec.profile, spec.preset, spec.seed,
+                              spec.overrides, h)
+        found = {"params_ran": ran.dump(), "metrics": _run(spec.preset, 0, value)["metrics"]}
+        quality.check_params(found, old)
+        quality.record(results, old, found, 60.0, benchlib.ROOT)
+        results["runs"][old.key]["recorded"] = when
+    # another command (other overrides) is never a stand-in
+    other = quality.RunSpec("synthetic", "default", "seco", 0, ("train.iterations=3",), "x" * 12)
+    results["runs"][other.key] = {**results["runs"][specs[1].key], "overrides": ["x=1"]}
+    assert quality.stand_in(results, specs[0])["recorded"] == "2026-01-02"  # the latest
+    assert quality.stand_in(results, specs[1]) is results["runs"][specs[1].key]
+    assert quality.stand_in(results, _spec("seco", 0)) is None
+    path = tmp_path / "q.json"
+    benchlib.write_json(path, results)
+    argv = ["--presets", "baseline,seco", "--seeds", "0", "--results", str(path)]
+    monkeypatch.setattr(sys, "argv", ["bench/quality.py", *argv, "--report-only"])
+    assert quality.main([*argv, "--report-only"]) == 0
+    text = path.with_suffix(".md").read_text()
+    assert "- runs: 2 of 2 planned" in text
+    assert "- params drift: 1 of 2 runs were made with other params" in text
+    default_lr = load_params(benchlib.ROOT / "params.yaml").train.lr
+    assert f"  - baseline s0: stored params: `train.lr: 0.25 → {default_lr}`" in text
+    # the runs' values reach the tables: baseline from the later of its two runs
+    assert "| baseline | 1 | 50.0 | 51.0 | 52.0 | 39.0 | 40.0 |" in text
+    assert "| seco | 1 | 50.0 | 51.0 | 52.0 | 59.0 | 60.0 |" in text
+    # a bench run does not take stand-ins: it lists both baseline runs as still to do
+    assert quality.remaining(specs, results) == [specs[0]]
