@@ -360,14 +360,13 @@ def params_diff(old: dict[str, Any], new: dict[str, Any], skip: tuple[str, ...] 
     """``key: old → new`` for every leaf that differs (``absent`` where one side lacks it),
     sorted; keys under a ``skip`` prefix (what both sides set alike) are left out."""
     a, b = flatten(old), flatten(new)
-    rows = []
-    for key in sorted(set(a) | set(b)):
-        if any(key == s or key.startswith(s + ".") for s in skip) or a.get(key, ...) == \
-                b.get(key, ...):
-            continue
-        show = (lambda t, k: json.dumps(t[k]) if k in t else "absent")
-        rows.append(f"{key}: {show(a, key)} → {show(b, key)}")
-    return rows
+
+    def show(side: dict[str, Any], key: str) -> str:
+        return json.dumps(side[key]) if key in side else "absent"
+
+    return [f"{key}: {show(a, key)} → {show(b, key)}" for key in sorted(set(a) | set(b))
+            if a.get(key, ...) != b.get(key, ...)
+            and not any(key == s or key.startswith(s + ".") for s in skip)]
 
 
 def yaml_at(repo: Path, revision: str) -> dict[str, Any] | None:
