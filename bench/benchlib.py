@@ -41,11 +41,14 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def git_revision(repo: Path = ROOT) -> str:
-    """HEAD of ``repo`` with ``-dirty`` when tracked files differ, or ``unknown``."""
+    """HEAD of ``repo`` with ``-dirty`` when tracked files differ, or ``unknown``. The
+    benchmarks' own result files (``bench/results``, which every bench run rewrites) do not
+    count: ``-dirty`` means the code or params that made a number were not committed."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)bench/results"],
                                cwd=repo, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return "unknown"

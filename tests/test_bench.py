@@ -483,3 +483,24 @@ def test_report_only_renders_runs_of_the_same_command_under_older_params_and_fla
     assert "| seco | 1 | 50.0 | 51.0 | 52.0 | 59.0 | 60.0 |" in text
     # a bench run does not take stand-ins: it lists both baseline runs as still to do
     assert quality.remaining(specs, results) == [specs[0]]
+
+
+def test_git_revision_is_dirty_for_code_but_not_for_the_benchmarks_own_results(tmp_path):
+    import subprocess
+
+    def git(*a: str) -> None:
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "r.md").write_text("old\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = benchlib.git_revision(tmp_path)
+    assert len(head) == 40 and not head.endswith("-dirty")
+    (tmp_path / "bench" / "results" / "r.md").write_text("new\n")
+    assert benchlib.git_revision(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert benchlib.git_revision(tmp_path) == head + "-dirty"
+    assert benchlib.git_revision(tmp_path / "nowhere") == "unknown"
