@@ -15,7 +15,8 @@ of β the firing rate, precision (fired tags that are noisy) and recall (noisy t
 from __future__ import annotations
 
 import argparse
-import json
+import datetime
+import shlex
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+import benchlib  # noqa: E402
 
 from seco_cli.checkpoint import load_checkpoint  # noqa: E402
 from seco_cli.data.loader import TrainSamples, train_loader  # noqa: E402
@@ -42,6 +45,7 @@ def collect(params, prepared: Path, checkpoint: Path, batches: int, start: int):
     data = PreparedDataset(prepared)
     trainer = Trainer(params, data, torch.device("cpu"), {"params": params.dump()})
     trainer.load_state(load_checkpoint(checkpoint))
+    step = trainer.iteration
     method, tp = trainer.method, params.train
     method.eval()
     samples = TrainSamples(data, data.ids(params.data.train_split), tp.batch_size, tp.seed + 7,
@@ -65,7 +69,7 @@ def collect(params, prepared: Path, checkpoint: Path, batches: int, start: int):
             rows[name].append(stats["frac"].numpy())
         rows["tag"].append(v["tags"].numpy())
         rows["gt"].append(gt.numpy())
-    return {name: np.concatenate(r) for name, r in rows.items()}
+    return {name: np.concatenate(r) for name, r in rows.items()}, step
 
 
 def report(rows: dict[str, np.ndarray]) -> dict:
@@ -105,8 +109,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     params = load_params(args.params, args.overrides)
-    rows = collect(params, args.prepared, args.checkpoint, args.batches, 0)
+    rows, step = collect(params, args.prepared, args.checkpoint, args.batches, 0)
     res = report(rows)
+    print(f"checkpoint {args.checkpoint} at iteration {step}")
     print(f"patches {res['patches']}, eligible {res['eligible']}, "
           f"noisy tags {100 * res['noisy_rate']:.1f} %")
     for view, r in res["views"].items():
@@ -117,7 +122,12 @@ def main() -> None:
             print(f"  {beta:>5} {100 * b['fire_rate']:>8.1f} {b['precision']:>10.3f} "
                   f"{b['recall']:>8.3f}")
     if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+        res["provenance"] = {
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git_revision": benchlib.git_revision(), "checkpoint": str(args.checkpoint),
+            "checkpoint_step": step, "overrides": args.overrides, "batches": args.batches}
+        benchlib.write_json(args.json, res)
 
 
 if __name__ == "__main__":
