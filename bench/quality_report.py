@@ -249,6 +249,19 @@ def miou_table(agg: dict[str, dict[str, Stat]]) -> str:
                      "seg mIoU raw", "seg mIoU MS+CRF", "÷ fully supervised"], rows)
 
 
+def seed_table(runs: Sequence[dict[str, Any]], pairs: Sequence[str]) -> str | None:
+    """Each run's CAM / pseudo / seg MS+CRF mIoU, a column per seed: the means hide outcomes
+    that a seed decides (a class found or lost). None with a single seed."""
+    flats = seed_flats(runs, pairs)
+    seeds = sorted({seed for per in flats.values() for seed in per}, key=str)
+    if len(seeds) < 2:
+        return None
+    rows = [[p, *("—" if seed not in flats[p] else " / ".join(
+        _pts(flats[p][seed].get(k)) for k in ("cams.miou", "pseudo.miou", f"{SEG}.miou"))
+        for seed in seeds)] for p in _presets(flats)]
+    return md_table(["preset", *(f"seed {seed}" for seed in seeds)], rows)
+
+
 def precision_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Precision, recall (points) and FP/TP (ratio) of CAM seeds, pseudo masks, segmentation."""
     srcs = ("cams", "pseudo", SEG)
@@ -331,9 +344,12 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     goals = goal_checks(agg, pairs, runs)
     parts = [header,
              "\n## mIoU (paper Tables 2 and 5; points, mean ± sample std over seeds)\n\n",
-             miou_table(agg),
-             "\n## Precision, recall (points) and FP/TP (false ÷ true positive pixels)\n\n",
-             precision_table(agg)]
+             miou_table(agg)]
+    per_seed = seed_table(runs, pairs)
+    if per_seed:
+        parts += ["\n## Per seed: CAM / pseudo / seg MS+CRF mIoU (points)\n\n", per_seed]
+    parts += ["\n## Precision, recall (points) and FP/TP (false ÷ true positive pixels)\n\n",
+              precision_table(agg)]
     for src in PAIR_SOURCES:
         parts += [f"\n## Co-occurring pairs, {SOURCES[src]} (paper Table 3)\n\n",
                   pair_table(agg, pairs, src)]

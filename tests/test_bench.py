@@ -148,6 +148,16 @@ def test_quality_markdown_has_every_table_and_preset_in_order():
     assert qr.render([], "# h\n").endswith("No finished run yet.\n")
 
 
+def test_per_seed_table_shows_each_runs_miou_and_only_with_several_seeds():
+    runs = [_run("seco", 0, 0.5, cams=0.3), _run("baseline", 0, 0.4), _run("baseline", 1, 0.42)]
+    table = qr.render(runs, "").split("## Per seed")[1].split("\n## ")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| preset | seed 0 | seed 1 |"
+    assert lines[1] == "| baseline | 50.0 / 52.0 / 40.0 | 50.0 / 52.0 / 42.0 |"
+    assert lines[2] == "| seco | 30.0 / 32.0 / 50.0 | — |"  # no seed-1 run
+    assert "## Per seed" not in qr.render([_run("seco", 0, 0.5), _run("baseline", 0, 0.4)], "")
+
+
 def test_miou_table_adds_the_auxiliary_head_column_only_when_scored():
     plain = qr.render([_run("seco", 0, 0.5)], "")
     assert "aux-head CAM" not in plain
