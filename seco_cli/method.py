@@ -34,7 +34,15 @@ from seco_cli.models.projection import ProjectionHead
 from seco_cli.params import Params
 from seco_cli.pseudo_labels import cams_to_labels
 from seco_cli.refine import par_refine
-from seco_cli.tags import crop_patches, global_tags, patch_tags, region_map, sample_patch_boxes
+from seco_cli.tags import (
+    alone_tags,
+    crop_patches,
+    gather_boxes,
+    global_tags,
+    patch_tags,
+    region_map,
+    sample_patch_boxes,
+)
 from seco_cli.teacher import EMATeacher
 
 IGNORE = 255
@@ -161,9 +169,11 @@ class SeCo(nn.Module):
             raw, gen, images.shape[-1], tp.global_scale, p_jitter=tp.global_p_jitter,
             p_gray=tp.global_p_gray, p_blur=tp.global_p_blur, p_solarize=tp.global_p_solarize,
             valid=valid))
+        # patches with a valid pixel that fit the image (the others are never tagged)
+        fits = (gather_boxes(valid[:, None].float(), boxes).flatten(2).sum(-1) > 0) & ~too_small
         return {"query": query, "key": key, "tags": tags.flatten(), "second": second,
                 "global_tags": global_tags(region, labels), "boxes": boxes,
-                "too_small": too_small}
+                "too_small": too_small, "fits": fits.flatten()}
 
     def contrast_terms(self, out: NetOutput, images: torch.Tensor, raw: torch.Tensor,
                        valid: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor,
@@ -177,7 +187,17 @@ class SeCo(nn.Module):
         # student: all patches in one forward, the second global view in another; view 1
         # reuses the step's forward `out` (its class token)
         q_global = self.proj(out.embedding)  # (B, d)
-        q = torch.cat([self._embed(v["query"]), q_global, self._embed(v["second"])])  # (B*n+2B, d)
+        patch_tokens, _, patch_cls = self.net.backbone(v["query"])
+        q = torch.cat([self.proj(patch_cls), q_global, self._embed(v["second"])])  # (B*n+2B, d)
+        if tp.patch_tags == "alone":
+            # Deviation (README): each patch tagged by its own classification (the final
+            # classifier on the forward that embeds it), not by the CAM of the whole image
+            with torch.no_grad():
+                patch_logits, _ = self.net.classifier(patch_tokens.detach())
+            cam_tags = v["tags"]
+            v["tags"] = alone_tags(patch_logits, labels.repeat_interleave(v["boxes"].shape[1], 0),
+                                   tp.alone_threshold, v["fits"])
+            stats["tag_cam_agree"] = float((v["tags"] == cam_tags).float().mean())
         tags = torch.cat([v["tags"], v["global_tags"], v["global_tags"]])
         # teacher keys aligned with q: strong patches, then both global views in one forward
         keys = torch.cat([self._teacher_embed(v["key"]),

@@ -205,6 +205,12 @@ class TrainParams(_Section):
     num_patches: int = Field(10, ge=1)
     patch_size: int = Field(32, ge=4)  # VOC: 64 at crop 448 (4×4 tokens)
     tag_threshold: float = Field(0.2, ge=0, le=1)
+    # where patch tags come from: `cam` = the region map of the online CAM (SPEC §3.5);
+    # `alone` = each patch's own classification, from the student forward that embeds it
+    # (deviation, README): exactly one image class above `alone_threshold` (sigmoid) → it,
+    # none → background, several → uncertain
+    patch_tags: Literal["cam", "alone"] = "cam"
+    alone_threshold: float = Field(0.5, gt=0, lt=1)
     key_jitter: tuple[NonNegative, NonNegative, NonNegative, NonNegative] = (0.4, 0.4, 0.2, 0.1)
     key_p_jitter: float = Field(0.8, ge=0, le=1)
     key_p_gray: float = Field(0.2, ge=0, le=1)

@@ -189,6 +189,21 @@ def patch_tags(region: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
     return torch.where((n_valid == 0) | too_small.to(tags.device), UNCERTAIN, tags)
 
 
+def alone_tags(logits: torch.Tensor, labels: torch.Tensor, threshold: float,
+               keep: torch.Tensor) -> torch.Tensor:
+    """Tags (N,) long of patches from their own classification (``train.patch_tags: alone``,
+    a deviation from SPEC §3.5, README): ``logits`` (N, C) of each patch forwarded alone,
+    ``labels`` (N, C) the multi-hot of its image. Exactly one of the image's classes with
+    sigmoid > ``threshold`` → that class; none → 0 (background); several → −1. Patches
+    where ``keep`` (N,) is False (no valid pixel, or did not fit) → −1.
+    """
+    fires = (torch.sigmoid(logits.float()) > threshold) & (labels > 0)
+    n = fires.sum(dim=1)
+    tags = torch.where(n == 1, fires.long().argmax(dim=1) + 1, UNCERTAIN)
+    tags = torch.where(n == 0, 0, tags)
+    return torch.where(keep.to(tags.device), tags, UNCERTAIN)
+
+
 def global_tags(region: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Global-view tags (B,) long (SPEC §3.7): the image's class when exactly one labelled
     class has confident pixels in ``region`` (B, H, W), else −1.

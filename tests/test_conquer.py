@@ -378,3 +378,68 @@ def test_online_cam_with_area_selection_takes_each_class_from_the_chosen_head():
     for c in range(6):
         assert torch.equal(cam[:, c], (aux if use_aux[c] else final)[:, c])
     assert method.cam_heads.area.max() > 0
+
+
+@pytest.mark.parametrize("source", ["cam", "alone"])
+def test_patch_tags_come_from_the_cam_or_from_each_patch_classified_alone(source, monkeypatch):
+    """train.patch_tags: alone tags each patch by the final classifier on the same student
+    forward that embeds it (exactly one of its image's classes above alone_threshold → it,
+    none → background, several → uncertain); cam keeps the CAM region-map tags (SPEC §3.5)."""
+    from torch import nn
+
+    from seco_cli.method import SeCo, StepWeights
+    from tests.conftest import tiny_params
+
+    torch.manual_seed(0)
+    p = tiny_params(f"train.patch_tags={source}", "train.alone_threshold=0.7")
+    method = SeCo(p, 6)
+    images = torch.randn(2, 3, 48, 48)
+    labels = torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 0, 1]])  # classes {1,3}, {2,6}
+    valid = torch.ones(2, 48, 48, dtype=torch.bool)
+    valid[1, :, 40:] = False  # some patches of image 1 may not fit
+    out = method.net(images, with_seg=False)
+    cam = method.online_cam(images, labels, aux=True, valid=valid)
+    n = p.train.num_patches
+    firsts, seconds = (0, 1), (2, 5)  # 0-based classes of images 0 and 1
+
+    class Designed(nn.Module):
+        """Patch i of image b: kind i % 4 → fires its image's first class / nothing / both
+        classes / its second class and class 5 (not in either image)."""
+
+        def forward(self, tokens):
+            logits = torch.full((tokens.shape[0], 6), -4.0)
+            for i in range(tokens.shape[0]):
+                b, kind = i // n, i % 4
+                if kind in (0, 2):
+                    logits[i, firsts[b]] = 4.0
+                if kind in (2, 3):
+                    logits[i, seconds[b]] = 4.0
+                if kind == 3:
+                    logits[i, 4] = 4.0
+            return logits, None
+
+    monkeypatch.setattr(method.net, "classifier", Designed())  # after `out` and `cam`
+    seen = {}
+    views = method._views
+
+    def spy(*args, **kwargs):
+        seen["v"] = views(*args, **kwargs)
+        seen["cam_tags"] = seen["v"]["tags"].clone()
+        return seen["v"]
+
+    monkeypatch.setattr(method, "_views", spy)
+    w = StepWeights(1, 1, 0, 0, 0.5, 0.5, 0, True, True, False)
+    stats: dict = {}
+    terms = method.contrast_terms(out, images, images, valid, labels, cam, w,
+                                  torch.Generator().manual_seed(0), lambda x: x, stats)
+    assert set(terms) == {"lig", "lil"} and all(torch.isfinite(t) for t in terms.values())
+    v = seen["v"]
+    if source == "cam":
+        assert torch.equal(v["tags"], seen["cam_tags"]) and "tag_cam_agree" not in stats
+        return
+    want = [(firsts[i // n] + 1, 0, -1, seconds[i // n] + 1)[i % 4] if fits else -1
+            for i, fits in enumerate(v["fits"].tolist())]
+    assert v["tags"].tolist() == want
+    assert stats["tag_cam_agree"] == pytest.approx(
+        sum(a == b for a, b in zip(want, seen["cam_tags"].tolist(), strict=True)) / len(want))
+    assert stats["tag_class"] == pytest.approx(sum(t > 0 for t in want) / len(want))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from seco_cli.tags import (
     IGNORE,
     UNCERTAIN,
+    alone_tags,
     crop_patches,
     global_tags,
     patch_tags,
@@ -224,3 +225,18 @@ def test_crop_patches_equals_slicing():
 def test_crop_patches_rejects_unequal_boxes():
     with pytest.raises(ValueError):
         crop_patches(torch.rand(1, 3, 8, 8), torch.tensor([[[0, 0, 4, 4], [0, 0, 3, 3]]]), 4)
+
+
+def test_alone_tags_one_class_of_the_image_above_threshold_none_several_and_unfit():
+    # columns: classes 1..3 (logits); the image labels restrict which classes may fire
+    logits = torch.tensor([[3.0, -2.0, 2.0],   # 1 and 3 fire, the image has only 1 → 1
+                           [-1.0, -3.0, -0.5],  # nothing fires → background
+                           [2.0, 0.0, 4.0],     # 1 and 3 fire, both in the image → uncertain
+                           [0.1, 5.0, -1.0],    # 1 just above 0.5, 2 fires but not labelled → 1
+                           [9.0, 9.0, 9.0]])    # fires, but the patch did not fit → uncertain
+    labels = torch.tensor([[1.0, 0, 0], [1, 1, 1], [1, 0, 1], [1, 0, 0], [1, 1, 1]])
+    keep = torch.tensor([True, True, True, True, False])
+    assert alone_tags(logits, labels, 0.5, keep).tolist() == [1, 0, -1, 1, -1]
+    # a higher threshold: 0.1 → sigmoid 0.525 no longer fires, so row 3 is background
+    assert alone_tags(logits, labels, 0.55, keep).tolist() == [1, 0, -1, 0, -1]
+    assert alone_tags(logits.bfloat16(), labels, 0.5, keep).dtype == torch.long
