@@ -37,6 +37,8 @@ TRAIN_STATS = (("seco", "tag_background", "tags bkg %", 100.0),
                ("seco", "mu_mean", "μ (reservoir same-tag sim.)", 1.0),
                ("loss", "ptc", "L_ptc", 1.0), ("loss", "lig", "L_iG", 1.0),
                ("loss", "lil", "L_iL", 1.0), (None, "sec_per_iter", "s/iteration", 1.0))
+# columns shown only where some run logged them (options that are off by default)
+OPTIONAL_STATS = (("seco", "tag_cam_agree", "tags = CAM tags % (patch_tags: alone)", 100.0),)
 
 
 def _finite(v: Any) -> float | None:
@@ -102,7 +104,7 @@ def flatten(run: dict[str, Any], pairs: Sequence[str]) -> dict[str, float | None
             for k in ("auc", "partner_fire", "object_fire"):
                 out[f"probe.{pair}.{head}.{k}"] = _finite(entry.get(k))
     train = run.get("train") or {}
-    for group, key, _, _ in TRAIN_STATS:
+    for group, key, _, _ in TRAIN_STATS + OPTIONAL_STATS:
         section = train if group is None else train.get(group) or {}
         out[f"train.{key}"] = _finite(section.get(key))
     for pair, value in (train.get("proto") or {}).items():  # prototype similarities
@@ -311,10 +313,12 @@ def training_table(agg: dict[str, dict[str, Stat]]) -> str:
         a, _, b = k.removeprefix("train.proto.").partition("~")
         if f"train.proto.{b}~{a}" not in proto:
             proto.append(k)
+    stats = TRAIN_STATS + tuple(
+        s for s in OPTIONAL_STATS if any(_mean(agg, p, f"train.{s[1]}") is not None for p in agg))
     rows = [[p] + [fmt(agg[p][f"train.{key}"], scale, 1 if scale == 100.0 else 3)
-                   for _, key, _, scale in TRAIN_STATS]
+                   for _, key, _, scale in stats]
             + [fmt(agg[p].get(k), 1.0, 3) for k in proto] for p in _presets(agg)]
-    return md_table(["preset"] + [label for *_, label, _ in TRAIN_STATS]
+    return md_table(["preset"] + [label for *_, label, _ in stats]
                     + [f"prototype sim. {k.removeprefix('train.proto.').replace('~', '/')}"
                        .replace("mean_off_diagonal", "mean (off-diagonal)") for k in proto],
                     rows)

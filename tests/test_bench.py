@@ -185,6 +185,13 @@ def test_training_table_shows_the_logged_statistics_and_dashes_for_absent_terms(
                             "| 0.800 | 0.100 |")
     assert rows["baseline"] == "| baseline | — | — | — | — | — | — | — | — | — | 0.300 | — | — |"
     assert "| prototype sim. horse/person | prototype sim. mean (off-diagonal) |" in table
+    assert "CAM tags" not in table  # the patch_tags: alone column only where it was logged
+    seco["train"]["seco"]["tag_cam_agree"] = 0.4
+    table = qr.render([seco, base], "").split("## Training statistics")[1].split("##")[0]
+    rows = {ln.split(" | ")[0].strip("| "): ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert "| s/iteration | tags = CAM tags % (patch_tags: alone) |" in table
+    assert rows["seco"].endswith("| 0.500 | 40.0 | 0.800 | 0.100 |")
+    assert rows["baseline"].endswith("| 0.300 | — | — | — |")
 
 
 def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():
