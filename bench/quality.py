@@ -218,11 +218,12 @@ def check_params(found: dict[str, Any], spec: RunSpec) -> None:
     The validated params are kept with the run (``params``), so a later report can say what
     changed when params.yaml or the code moves on."""
     ran = found.pop("params_ran", None)
-    got = params_hash(Params.model_validate(ran)) if ran is not None else None
+    params = Params.model_validate(ran) if ran is not None else None
+    got = params_hash(params) if params is not None else None
     if got != spec.params_hash:
         raise RuntimeError(f"experiment {spec.name} ran with other params than planned (hash "
                            f"{got} ≠ {spec.params_hash}); not recorded")
-    found["params"] = Params.model_validate(ran).dump()
+    found["params"] = params.dump()
 
 
 def fingerprint(repo: Path) -> dict[str, Any]:
@@ -326,12 +327,6 @@ def run_command(argv: list[str]) -> str:
                        *(a for a in argv if a not in ("--report-only", "--dry-run"))])
 
 
-def selected(results: dict[str, Any], specs: list[RunSpec]) -> list[dict[str, Any]]:
-    """Stored runs of the planned specs (the table shows exactly the requested runs)."""
-    runs = results.get("runs", {})
-    return [runs[s.key] for s in specs if s.key in runs]
-
-
 # --------------------------------------------------------------------------- params drift
 def stand_in(results: dict[str, Any], spec: RunSpec) -> dict[str, Any] | None:
     """The latest stored run of the same command — dataset, profile, preset, seed and the
@@ -417,13 +412,13 @@ def drift_lines(stand_ins: list[tuple[RunSpec, dict[str, Any]]], specs: list[Run
 
 def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespace,
            base: list[str], out: Path) -> str:
-    runs = selected(results, specs)
-    stand_ins: list[tuple[RunSpec, dict[str, Any]]] = []
-    if args.report_only:  # runs of the same command under older params, flagged below
-        stored = results.get("runs", {})
-        chosen = {s: stored.get(s.key) or stand_in(results, s) for s in specs}
-        stand_ins = [(s, r) for s, r in chosen.items() if s.key not in stored and r]
-        runs = [r for r in chosen.values() if r]
+    # the stored run of each planned spec (the table shows exactly the requested runs); with
+    # --report-only, else the latest run of the same command under older params, flagged
+    stored = results.get("runs", {})
+    chosen = {s: stored.get(s.key) or (stand_in(results, s) if args.report_only else None)
+              for s in specs}
+    stand_ins = [(s, r) for s, r in chosen.items() if s.key not in stored and r]
+    runs = [r for r in chosen.values() if r]
     times = [r["wall_s"] for r in runs if r.get("wall_s") and "train" in r.get("stages_run", [])]
     revs = sorted({r.get("git_revision", "?") for r in runs})
     dates = sorted(r["recorded"] for r in runs if r.get("recorded"))

@@ -15,8 +15,6 @@ of β the firing rate, precision (fired tags that are noisy) and recall (noisy t
 from __future__ import annotations
 
 import argparse
-import datetime
-import shlex
 import sys
 from pathlib import Path
 
@@ -122,11 +120,9 @@ def main() -> None:
             print(f"  {beta:>5} {100 * b['fire_rate']:>8.1f} {b['precision']:>10.3f} "
                   f"{b['recall']:>8.3f}")
     if args.json:
-        res["provenance"] = {
-            "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "git_revision": benchlib.git_revision(), "checkpoint": str(args.checkpoint),
-            "checkpoint_step": step, "overrides": args.overrides, "batches": args.batches}
+        res["provenance"] = {**benchlib.run_header(), "checkpoint": str(args.checkpoint),
+                             "checkpoint_step": step, "overrides": args.overrides,
+                             "batches": args.batches}
         benchlib.write_json(args.json, res)
 
 
