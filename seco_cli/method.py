@@ -169,11 +169,9 @@ class SeCo(nn.Module):
             raw, gen, images.shape[-1], tp.global_scale, p_jitter=tp.global_p_jitter,
             p_gray=tp.global_p_gray, p_blur=tp.global_p_blur, p_solarize=tp.global_p_solarize,
             valid=valid))
-        # patches with a valid pixel that fit the image (the others are never tagged)
-        fits = (gather_boxes(valid[:, None].float(), boxes).flatten(2).sum(-1) > 0) & ~too_small
         return {"query": query, "key": key, "tags": tags.flatten(), "second": second,
                 "global_tags": global_tags(region, labels), "boxes": boxes,
-                "too_small": too_small, "fits": fits.flatten()}
+                "too_small": too_small}
 
     def contrast_terms(self, out: NetOutput, images: torch.Tensor, raw: torch.Tensor,
                        valid: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor,
@@ -194,6 +192,9 @@ class SeCo(nn.Module):
             # classifier on the forward that embeds it), not by the CAM of the whole image
             with torch.no_grad():
                 patch_logits, _ = self.net.classifier(patch_tokens.detach())
+            # patches with a valid pixel that fit the image (the others are never tagged)
+            v["fits"] = ((gather_boxes(valid[:, None].float(), v["boxes"]).flatten(2).sum(-1) > 0)
+                         & ~v["too_small"]).flatten()
             cam_tags = v["tags"]
             v["tags"] = alone_tags(patch_logits, labels.repeat_interleave(v["boxes"].shape[1], 0),
                                    tp.alone_threshold, v["fits"])
