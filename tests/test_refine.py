@@ -160,6 +160,28 @@ def test_energy_matches_dense_reference_and_its_gradient(form):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("form", ["exact", "window"])
+def test_energy_is_float32_inside_bf16_autocast(form):
+    """A CUDA training step calls L_reg inside a bf16 autocast region (on the CPU here): the
+    energy and its gradient are still the float32 ones, from bf16 or float32 input."""
+    image, logits, gate = _random_case(dtype=torch.float32, seed=1)
+    kw = dict(sigma_rgb=60.0, sigma_xy=4.0, scale=1.0)
+
+    def energy(seg):
+        if form == "exact":
+            return crf_energy_exact(image, seg, gate, block=17, **kw)
+        return crf_energy_window(image, seg, gate, radius=13, **kw)
+
+    ref = energy(logits.softmax(1))
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = energy(logits.softmax(1))
+    (grad,) = torch.autograd.grad(got, logits)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_exact_equals_window_covering_the_image():
     image, logits, gate = _random_case(dtype=torch.float32, seed=3)
     seg = logits.detach().softmax(1)

@@ -208,3 +208,31 @@ def test_online_pseudo_labels_with_par_follow_the_two_thresholds():
     assert (label[0, :, 10:14] == 255).all()
     assert (label[0, :, 18:21] == 0).all()
     assert (label[0, :, -2:] == 255).all()  # outside the valid region
+
+
+def test_bf16_autocast_steps_run_every_term(tmp_path: Path, prepared: Path,
+                                            monkeypatch: pytest.MonkeyPatch):
+    """The CUDA path trains under bf16 autocast (SPEC §7); forced on here, on the CPU, so
+    every term meets bf16 activations as it does on a GPU (the regulariser once failed there
+    on a dtype mismatch that float32 CPU runs never reach)."""
+    init = Trainer.__init__
+
+    def bf16_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.autocast = True
+
+    monkeypatch.setattr(Trainer, "__init__", bf16_init)
+    p = tiny_params("train.preset=seco", "train.iterations=4", "train.contrast_start=1",
+                    "train.seg_start=1", "train.proto_start=0", "train.rectify_start=2")
+    data = PreparedDataset(prepared)
+    logs: list[dict[str, float]] = []
+    trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
+                    lambda step, values: logs.append(values))
+    assert trainer.autocast
+    seen = {k for values in logs for k in values}
+    for term in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil"):
+        assert f"loss/{term}" in seen, term
+    assert all(np.isfinite(v) for values in logs for v in values.values())
+    # weights, prototypes and the reservoir stay float32 (autocast changes activations only)
+    assert all(t.dtype == torch.float32 for t in trainer.method.state_dict().values()
+               if t.is_floating_point())

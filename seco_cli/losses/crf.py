@@ -17,7 +17,8 @@ at a time (never more than block × N); ``crf_energy_window`` keeps only the pai
 ``radius`` pixels (a (2r+1)² square) using shifted slices; ``crf_energy`` takes the exact form
 when every image has at most ``max_exact`` gated pixels. Both return gradients to S (the image
 gets none) through one small autograd Function: W is symmetric, so dE_b/dS = -2 W S, and the
-backward reuses the forward's W S instead of storing W.
+backward reuses the forward's W S instead of storing W. The energy is computed in float32
+whatever the input dtype, with autocast off (a CUDA step's bf16 region).
 
 Departures from ToCo's ``DenseEnergyLoss``: its gate is soft (``1 - max_k S`` on labelled
 pixels, 1 on unlabelled ones) and applies to the rows of W only, the columns being all
@@ -48,6 +49,13 @@ def _prepare(image: Tensor, seg: Tensor, gate: Tensor | None) -> tuple[Tensor, T
     gate = gate.bool()
     gated = seg.to(dtype) * gate.unsqueeze(1).to(dtype)           # (B, K, h, w)
     return image.detach().to(dtype), gated, gate
+
+
+def _float32(t: Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device: W S stays in float32 (as :func:`_prepare` made it) also
+    inside the bf16 autocast region of a CUDA training step, where the matrix products would
+    otherwise come out in bf16 (and writing them into the float32 result fails)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def _reduce(energies: Tensor, gate: Tensor, scale: float, reduction: Reduction) -> Tensor:
@@ -120,8 +128,9 @@ def crf_energy_exact(image: Tensor, seg: Tensor, gate: Tensor | None, sigma_rgb:
     ``sigma_xy`` is in pixels of the given resolution (SPEC: 100 × 0.5 at half resolution).
     """
     image, seg, gate = _prepare(image, seg, gate)
-    energies = _Energy.apply(
-        seg, lambda s: exact_filter(image, s, gate, sigma_rgb, sigma_xy, block))  # (B,)
+    with _float32(seg):
+        energies = _Energy.apply(
+            seg, lambda s: exact_filter(image, s, gate, sigma_rgb, sigma_xy, block))  # (B,)
     return _reduce(energies, gate, scale, reduction)
 
 
@@ -165,8 +174,9 @@ def crf_energy_window(image: Tensor, seg: Tensor, gate: Tensor | None, radius: i
     arguments as :func:`crf_energy_exact`. Equal to it when ``radius >= max(h, w) - 1``; close
     when ``radius`` is several ``sigma_xy`` (or the colour term already cuts the far pairs)."""
     image, seg, gate = _prepare(image, seg, gate)
-    energies = _Energy.apply(
-        seg, lambda s: window_filter(image, s, radius, sigma_rgb, sigma_xy))  # (B,)
+    with _float32(seg):
+        energies = _Energy.apply(
+            seg, lambda s: window_filter(image, s, radius, sigma_rgb, sigma_xy))  # (B,)
     return _reduce(energies, gate, scale, reduction)
 
 
