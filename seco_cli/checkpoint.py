@@ -88,8 +88,10 @@ def check_compatible(ckpt: dict[str, Any], backbone: str, num_classes: int, path
                             f"set model.{key} to match, or retrain")
 
 
-def load_weights(net: nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    """``net.load_state_dict(state)`` with a one-line error naming the first mismatch."""
+def load_weights(net: nn.Module, state: dict[str, Any], path: str | Path,
+                 assign: bool = False) -> None:
+    """``net.load_state_dict(state)`` with a one-line error naming the first mismatch;
+    ``assign``: the state's tensors become the network's (a network built on the meta device)."""
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -102,4 +104,4 @@ def load_weights(net: nn.Module, state: dict[str, Any], path: str | Path) -> Non
                  f"'{(missing or unexpected)[0]}')")
         raise SecoError(f"checkpoint does not fit the network: {first}", str(path),
                         "use the model params it was trained with, or retrain")
-    net.load_state_dict(state)
+    net.load_state_dict(state, assign=assign)

@@ -1,14 +1,16 @@
 """Inference helpers shared by the ``cams`` and ``segment`` stages (SPEC §8): one setup
-(dataset, device, model, split, this shard's ids, store attributes), the image batches, CAMs
-of one forward pass, and the segmentation variants."""
+(dataset, device, model, split, this shard's ids, store attributes), the image batches (made
+ahead in a background thread), CAMs of one forward pass, and the segmentation variants."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +27,8 @@ from seco_cli.provenance import provenance
 from seco_cli.shards import Shard
 from seco_cli.store import input_stamp
 
+T = TypeVar("T")
+
 
 def load_model(path: Path, params: Params, num_classes: int, device: torch.device,
                ) -> tuple[SeCoNet, dict]:
@@ -33,9 +37,26 @@ def load_model(path: Path, params: Params, num_classes: int, device: torch.devic
     check_compatible(ckpt, params.model.backbone, num_classes, path,
                      params.model.model_dump(mode="json"))
     mp = params.model.model_copy(update={"pretrained": False})  # weights come from the checkpoint
+    return build_loaded(mp, num_classes, ckpt["model"], path).to(device).eval(), ckpt.get("meta", {})
+
+
+def build_loaded(mp: Any, num_classes: int, state: dict[str, Any], path: Path) -> SeCoNet:
+    """The network holding ``state``'s weights. Built on the meta device, the checkpoint's
+    tensors then assigned: no random initialisation of weights about to be replaced (about a
+    second of CPU for a ViT-B/16 at every start of cams and segment). Built the plain way when
+    that fails or leaves a tensor unset (a buffer the checkpoint does not hold)."""
+    try:
+        with torch.device("meta"):
+            net = SeCoNet(mp, num_classes)
+    except Exception:  # noqa: BLE001 - a model that needs real tensors to build: plain build
+        net = None
+    if net is not None:
+        load_weights(net, state, path, assign=True)
+        if not any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+            return net
     net = SeCoNet(mp, num_classes)
-    load_weights(net, ckpt["model"], path)
-    return net.to(device).eval(), ckpt.get("meta", {})
+    load_weights(net, state, path)
+    return net
 
 
 @dataclass
@@ -52,7 +73,9 @@ class Inference:
     meta: dict[str, Any]  # the checkpoint's ``meta`` record (training params, seed, revision)
 
     def batches(self, size: int, mean, std) -> Iterator[tuple[list[str], torch.Tensor, list]]:
-        return batches(self.data, self.ids, size, self.crop, mean, std)
+        """This shard's batches, read and resized in a background thread ahead of the
+        network (:func:`prefetch`)."""
+        return prefetch(batches(self.data, self.ids, size, self.crop, mean, std))
 
 
 def setup(params: Params, prepared: Path, model: Path, device: str, where: str, split: str,
@@ -92,6 +115,53 @@ def batches(data: PreparedDataset, ids: list[str], size: int, crop: int, mean, s
             sizes.append(img.shape[:2])
             images.append(resize_square(to_tensor(img, mean, std), crop))
         yield chunk, torch.stack(images), sizes
+
+
+_END = object()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` made in a background thread, at most ``depth`` ahead of the consumer: the
+    next batches are decoded and resized while the network runs on this one (on a GPU the
+    stages otherwise wait on image decoding, single-threaded). Same items in the same order;
+    an exception of ``items`` is raised here at its place in the stream; a consumer that
+    stops early (or fails) stops the thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put((False, exc))
+            return
+        put((False, _END))
+
+    thread = threading.Thread(target=produce, name="seco-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = slots.get()
+            if ok:
+                yield item
+            elif item is _END:
+                return
+            else:
+                raise item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def stored_size(size: tuple[int, int], longest: int) -> tuple[int, int]:

@@ -67,9 +67,11 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
             seeds = torch.where(use_aux, aux, final)
         else:
             seeds, aux = fused if cp.aux else (fused, None)
-        maps = [normalise_cams(seeds, labels).cpu()]  # root[, group aux], each (B, C, crop, crop)
+        # root[, group aux], each (B, C, crop, crop), left on the device: each image's own
+        # classes are taken and resized to the stored size there, and only those leave it
+        maps = [normalise_cams(seeds, labels)]
         if cp.aux:  # the seeds themselves when they are the auxiliary CAMs
-            maps.append(maps[0] if aux is seeds else normalise_cams(aux, labels).cpu())
+            maps.append(maps[0] if aux is seeds else normalise_cams(aux, labels))
         for k, image_id in enumerate(chunk):
             own = inf.data.labels(image_id)
             stored = stored_size(sizes[k], cp.store_size)

@@ -5,6 +5,8 @@ background sweep and the picture grid."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from seco_cli.cams import fuse_cams
 from seco_cli.data.images import load_mask
 from seco_cli.data.prepared import PreparedDataset, Sample, write_prepared
 from seco_cli.errors import MissingInputError, SecoError
-from seco_cli.inference import load_model, seg_variants
+from seco_cli.inference import build_loaded, load_model, prefetch, seg_variants
 from seco_cli.metrics import BkgSweep, best_threshold
 from seco_cli.models.network import SeCoNet
 from seco_cli.pictures import CAPTION, COLUMNS, GridRow, grid_size, sample_grid
@@ -487,3 +489,80 @@ def test_cams_source_select_takes_each_class_from_the_head_the_model_recorded(ca
     with pytest.raises(SecoError, match="records .* CAM heads"):
         run(tmp_path / "bad.zarr")
     assert not (tmp_path / "bad.zarr").exists()
+
+
+def _prefetch_threads() -> int:
+    return sum(t.name == "seco-prefetch" for t in threading.enumerate())
+
+
+def test_prefetch_keeps_order_and_reads_ahead():
+    made: list[int] = []
+
+    def items():
+        for i in range(6):
+            made.append(i)
+            yield i
+
+    stream = prefetch(items(), depth=2)
+    assert next(stream) == 0
+    for _ in range(100):  # the thread fills both slots while the consumer holds item 0
+        if len(made) >= 3:
+            break
+        time.sleep(0.01)
+    assert made[:3] == [0, 1, 2]
+    assert len(made) <= 4  # item 0 taken, at most `depth` waiting, one being put
+    assert [0, *stream] == list(range(6))
+    assert _prefetch_threads() == 0
+
+
+def test_prefetch_raises_the_producer_error_at_its_place():
+    def items():
+        yield "a"
+        yield "b"
+        raise OSError("unreadable image x.png")
+
+    got = []
+    with pytest.raises(OSError, match="unreadable image x.png"):
+        for item in prefetch(items()):
+            got.append(item)
+    assert got == ["a", "b"]
+    assert _prefetch_threads() == 0
+
+
+def test_prefetch_stopped_early_ends_its_thread():
+    stream = prefetch(iter(range(1000)), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer stops (break, error): the producer must not hang on a full queue
+    assert _prefetch_threads() == 0
+
+
+def test_network_is_built_on_meta_and_takes_the_checkpoint_tensors(tmp_path: Path):
+    mp = tiny_params().model
+    torch.manual_seed(3)
+    trained = SeCoNet(mp, 6).eval()
+    state = trained.state_dict()
+    net = build_loaded(mp, 6, state, tmp_path / "m.pt").eval()
+    assert not any(t.is_meta for t in (*net.parameters(), *net.buffers()))
+    for name, value in net.state_dict().items():  # the checkpoint's own tensors, not copies
+        assert value.data_ptr() == state[name].data_ptr(), name
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(net.cams(x), trained.cams(x), rtol=0, atol=0)
+
+
+def test_network_with_a_buffer_the_checkpoint_lacks_is_built_the_plain_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from seco_cli import inference
+
+    class WithTable(SeCoNet):  # a non-persistent buffer: not in any state dict
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+    mp = tiny_params().model
+    state = WithTable(mp, 6).state_dict()
+    monkeypatch.setattr(inference, "SeCoNet", WithTable)
+    net = build_loaded(mp, 6, state, tmp_path / "m.pt")
+    assert not net.table.is_meta and torch.equal(net.table, torch.arange(4.0))
+    for name, value in net.state_dict().items():
+        assert torch.equal(value, state[name]), name
