@@ -72,7 +72,8 @@ class Inference:
     attrs: dict[str, Any]  # store attributes: provenance, split, classes, model identity
     meta: dict[str, Any]  # the checkpoint's ``meta`` record (training params, seed, revision)
 
-    def batches(self, size: int, mean, std) -> Iterator[tuple[list[str], torch.Tensor, list]]:
+    def batches(self, size: int, mean, std,
+                ) -> Iterator[tuple[list[str], torch.Tensor, list[np.ndarray]]]:
         """This shard's batches, read and resized in a background thread ahead of the
         network (:func:`prefetch`)."""
         return prefetch(batches(self.data, self.ids, size, self.crop, mean, std))
@@ -105,16 +106,13 @@ def cam_fn(net: SeCoNet, source: str, aux: bool):
 
 
 def batches(data: PreparedDataset, ids: list[str], size: int, crop: int, mean, std,
-            ) -> Iterator[tuple[list[str], torch.Tensor, list[tuple[int, int]]]]:
-    """(ids, images resized to crop×crop (B, 3, crop, crop), original sizes)."""
+            ) -> Iterator[tuple[list[str], torch.Tensor, list[np.ndarray]]]:
+    """(ids, images resized to crop×crop (B, 3, crop, crop), the decoded images (H, W, 3))."""
     for start in range(0, len(ids), size):
         chunk = ids[start:start + size]
-        images, sizes = [], []
-        for image_id in chunk:
-            img = data.image(image_id)
-            sizes.append(img.shape[:2])
-            images.append(resize_square(to_tensor(img, mean, std), crop))
-        yield chunk, torch.stack(images), sizes
+        originals = [data.image(image_id) for image_id in chunk]
+        images = [resize_square(to_tensor(img, mean, std), crop) for img in originals]
+        yield chunk, torch.stack(images), originals
 
 
 _END = object()

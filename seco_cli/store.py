@@ -34,7 +34,9 @@ import hashlib
 import json
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -194,6 +196,37 @@ class StoreWriter:
         except FileExistsError:
             return False
         return True
+
+
+class WriteBehind:
+    """A :class:`StoreWriter` whose writes run on one background thread, at most ``depth``
+    images pending: quantising, compressing and storing one batch overlaps the next batch's
+    forward pass (on a GPU the stage otherwise idles through them). Writes keep their order;
+    the first failed write is raised at a later :meth:`write` or at :meth:`finish`, which
+    waits for every write before it marks the shard done. Leaving the ``with`` block on an
+    error drops the writes not started: the store stays incomplete, as after an interruption.
+    The arrays handed over must not be changed afterwards."""
+
+    def __init__(self, writer: StoreWriter, depth: int = 32):
+        self.writer, self.depth = writer, depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="seco-store")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, *args: Any, **kwargs: Any) -> None:
+        self._pending.append(self._pool.submit(self.writer.write, *args, **kwargs))
+        while self._pending and (self._pending[0].done() or len(self._pending) > self.depth):
+            self._pending.popleft().result()
+
+    def finish(self, summary: dict[str, Any] | None = None) -> bool:
+        while self._pending:
+            self._pending.popleft().result()
+        return self.writer.finish(summary)
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_of(path: Path) -> str | None:

@@ -26,7 +26,7 @@ from seco_cli.inference import cam_fn, setup, stored_size, to_original
 from seco_cli.params import Params, seed_cam_source
 from seco_cli.progress import Progress, Silent
 from seco_cli.shards import Shard
-from seco_cli.store import open_writer
+from seco_cli.store import WriteBehind, open_writer
 
 AUX = "aux"
 
@@ -49,36 +49,38 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
                             "cams.source: final or aux, or retrain on this dataset")
         attrs["cam_heads"] = heads
         use_aux = torch.tensor([h == "aux" for h in heads], device=inf.device)[None, :, None, None]
-    writer = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
-                         groups=[AUX] if cp.aux else [])
-    fn = cam_fn(inf.net, source, cp.aux)
-    size = (inf.crop, inf.crop)
-    total = -(-len(inf.ids) // cp.batch_size)
-    stream = inf.batches(cp.batch_size, params.data.mean, params.data.std)
-    for chunk, images, sizes in progress.track(stream, total, f"cams ({inf.split}){shard.label}"):
-        labels = torch.from_numpy(np.stack([inf.data.label_vector(i) for i in chunk]))
-        labels = labels.to(inf.device)                                  # (B, C)
-        fused = fuse_cams(fn, images.to(inf.device), cp.scales, cp.flip, size,
-                          inf.net.backbone.stride)
-        if source == "aux":
-            seeds = aux = fused
-        elif heads:
-            final, aux = fused
-            seeds = torch.where(use_aux, aux, final)
-        else:
-            seeds, aux = fused if cp.aux else (fused, None)
-        # root[, group aux], each (B, C, crop, crop), left on the device: each image's own
-        # classes are taken and resized to the stored size there, and only those leave it
-        maps = [normalise_cams(seeds, labels)]
-        if cp.aux:  # the seeds themselves when they are the auxiliary CAMs
-            maps.append(maps[0] if aux is seeds else normalise_cams(aux, labels))
-        for k, image_id in enumerate(chunk):
-            own = inf.data.labels(image_id)
-            stored = stored_size(sizes[k], cp.store_size)
-            for cam, group in zip(maps, [None, AUX], strict=False):
-                scores = cam[k, [c - 1 for c in own]]  # (K, crop, crop), K = own classes
-                writer.write(image_id, to_original(scores, stored).clip(0, 1), {"labels": own},
-                             group=group, dtype=cp.dtype)
-    complete = writer.finish()
+    store = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
+                        groups=[AUX] if cp.aux else [])
+    with WriteBehind(store) as writer:  # an image's writes overlap the next batch's forward
+        fn = cam_fn(inf.net, source, cp.aux)
+        size = (inf.crop, inf.crop)
+        total = -(-len(inf.ids) // cp.batch_size)
+        stream = progress.track(inf.batches(cp.batch_size, params.data.mean, params.data.std),
+                                total, f"cams ({inf.split}){shard.label}")
+        for chunk, images, originals in stream:
+            labels = torch.from_numpy(np.stack([inf.data.label_vector(i) for i in chunk]))
+            labels = labels.to(inf.device)                                  # (B, C)
+            fused = fuse_cams(fn, images.to(inf.device), cp.scales, cp.flip, size,
+                              inf.net.backbone.stride)
+            if source == "aux":
+                seeds = aux = fused
+            elif heads:
+                final, aux = fused
+                seeds = torch.where(use_aux, aux, final)
+            else:
+                seeds, aux = fused if cp.aux else (fused, None)
+            # root[, group aux], each (B, C, crop, crop), left on the device: each image's own
+            # classes are taken and resized to the stored size there, and only those leave it
+            maps = [normalise_cams(seeds, labels)]
+            if cp.aux:  # the seeds themselves when they are the auxiliary CAMs
+                maps.append(maps[0] if aux is seeds else normalise_cams(aux, labels))
+            for k, image_id in enumerate(chunk):
+                own = inf.data.labels(image_id)
+                stored = stored_size(originals[k].shape[:2], cp.store_size)
+                for cam, group in zip(maps, [None, AUX], strict=False):
+                    scores = cam[k, [c - 1 for c in own]]  # (K, crop, crop), K = own classes
+                    writer.write(image_id, to_original(scores, stored).clip(0, 1),
+                                 {"labels": own}, group=group, dtype=cp.dtype)
+        complete = writer.finish()
     return {"images": len(inf.ids), "split": inf.split, "shard": str(shard), "complete": complete}
 

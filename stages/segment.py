@@ -34,11 +34,10 @@ VARIANTS = (RAW, MS_CRF)
 def _forward(inf: Inference, params: Params, raw: dict[str, Any]) -> Iterator[tuple]:
     """Jobs (id, image, multi-scale logits) for the CRF pool; the raw labels go to ``raw``."""
     sp = params.segment
-    for chunk, images, _ in inf.batches(sp.batch_size, params.data.mean, params.data.std):
+    for chunk, images, originals in inf.batches(sp.batch_size, params.data.mean, params.data.std):
         raw_logits, ms_logits = seg_variants(inf.net, images.to(inf.device), sp.scales, sp.flip)
         raw_logits, ms_logits = raw_logits.cpu().numpy(), ms_logits.cpu().numpy()
-        for k, image_id in enumerate(chunk):
-            image = inf.data.image(image_id)
+        for k, (image_id, image) in enumerate(zip(chunk, originals, strict=True)):
             raw[image_id] = segment_labels(image, raw_logits[k], {})
             yield image_id, image, ms_logits[k]  # (C+1, crop, crop)
 

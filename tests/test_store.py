@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seco_cli.errors import MissingInputError, SecoError
-from seco_cli.store import COMPLETE, StoreReader, StoreWriter
+from seco_cli.store import COMPLETE, StoreReader, StoreWriter, WriteBehind
 
 
 def test_round_trip_float16_and_uint8(tmp_path: Path):
@@ -155,3 +155,29 @@ def test_fresh_output_dir_replaces_ours_refuses_users(tmp_path: Path):
     with pytest.raises(SecoError, match="refusing to overwrite"):
         fresh_output_dir(user)
     assert (user / "keep.png").read_bytes() == b"mine"
+
+
+def test_write_behind_stores_every_image_in_the_background(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    cams = {f"img_{i:02d}": rng.random((2, 6, 5)).astype(np.float32) for i in range(20)}
+    with WriteBehind(StoreWriter(tmp_path / "s.zarr", "cams", {}), depth=3) as w:
+        for image_id, cam in cams.items():
+            w.write(image_id, cam, {"labels": [1, 2]}, dtype="uint8")
+        assert w.finish() is True
+    r = StoreReader(tmp_path / "s.zarr", "cams")
+    assert r.ids() == sorted(cams)
+    for image_id, cam in cams.items():
+        np.testing.assert_allclose(r.read(image_id), cam, atol=1 / 510 + 1e-6)
+
+
+def test_write_behind_failure_is_raised_and_leaves_the_store_incomplete(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    with pytest.raises(ValueError, match="float arrays are stored as one of"):
+        with WriteBehind(StoreWriter(path, "cams", {})) as w:
+            w.write("img_a", np.zeros((1, 4, 4), np.float32))
+            w.write("img_b", np.zeros((1, 4, 4), np.float32), dtype="float64")  # refused
+            w.write("img_c", np.zeros((1, 4, 4), np.float32))
+            w.finish()  # raises the failed write's error before marking anything
+    assert not (path / COMPLETE).exists()
+    with pytest.raises(MissingInputError):
+        StoreReader(path, "cams")
