@@ -4,7 +4,9 @@ Every part is its own function returning table rows (measured, reference, ratio,
 met / not met); a part that fails reports its error in its row and the others still run:
 
 - ``train_step``: train step time, SeCo ÷ baseline, same backbone, batch and data
-  (``bench/train_step.measure``) — goal ≤ 1.5;
+  (``bench/train_step.measure``) — goal ≤ 1.5; the FLOPs of both steps, and their ATen ops
+  and host waits (``bench/train_step.host_reads``: what a GPU step pays in launches and
+  stalls) at the default profile and at the VOC recipe's shape;
 - ``inference``: cams and segment stage throughput ÷ bare forward throughput at the same
   scales and flips (``bench/inference_speed``), on 320 px synthetic images with the profile's
   network at crop 320, untrained (speed does not depend on the weights) — goal ≥ 0.8;
@@ -197,10 +199,40 @@ def _step_rows(res: dict[str, dict[str, float]], steps: int, where: str = "") ->
                       f"{(s / b) / (fs / fb):.2f}")]
 
 
+def _reads_rows(what: str, res: dict[str, dict[str, Any]]) -> list[Row]:
+    """Launch and wait counts of one step, SeCo against the baseline
+    (:func:`train_step.host_reads`)."""
+    b, s = res["baseline"], res["seco"]
+    waits_b, waits_s = b["reads"] + b["nonzero"], s["reads"] + s["nonzero"]
+    return [row("train step", f"SeCo ÷ baseline, top-level ATen ops in one step (kernel "
+                f"launches on a GPU), {what}", f"{s['aten_ops']:,}",
+                f"{b['aten_ops']:,} (baseline)", s["aten_ops"] / b["aten_ops"], raw=res),
+            row("train step", f"SeCo ÷ baseline, host waits in one step (reads of tensor "
+                f"values by the package + nonzero calls; on a GPU each drains the launch "
+                f"queue), {what}", f"{s['reads']} + {s['nonzero']}",
+                f"{b['reads']} + {b['nonzero']} (baseline)", waits_s / waits_b)]
+
+
+# The VOC recipe's shape (448 px, batch 4, 20 classes) with a ViT small enough to step on
+# a CPU: op and wait counts follow the method, not the width (12 blocks add ops per block)
+VOC_SHAPE_SMALL = ["model.backbone=vit_small_patch16_224", "train.proj_hidden=128",
+                   'model.backbone_kwargs={"img_size": 448, "embed_dim": 64, "depth": 4, '
+                   '"num_heads": 2}', "train.num_workers=0"]
+
+
 def part_train_step(ctx: Context) -> list[Row]:
     warmup, steps = ctx.n(1, 5), ctx.n(3, 20)
     res = train_step.measure(ctx.params_file, ctx.overrides, ["baseline", "seco"], warmup, steps)
     rows = _step_rows(res, steps)
+    rows += _reads_rows("default profile", train_step.count_host_reads(
+        ctx.params_file, ctx.overrides, ["baseline", "seco"], 2))
+
+    def voc_shape() -> list[Row]:
+        params, prepared, over = voc_recipe(ctx, 448, 4, 2, VOC_SHAPE_SMALL)
+        f = run_child(ctx, {"params": str(VOC_RECIPE), "overrides": over,
+                            "prepared": str(prepared), "host_reads": ["baseline", "seco"]})
+        return _reads_rows("VOC recipe shape (448 px, batch 4, 20 classes) with a 4-block "
+                           "ViT of width 64", f)
 
     def voc() -> list[Row]:
         size, extra, what = voc_scale(ctx)
@@ -210,7 +242,9 @@ def part_train_step(ctx: Context) -> list[Row]:
                             "prepared": str(prepared), "flops": ["baseline", "seco"]})
         return [_flop_row(what, f["seco"], f["baseline"])]
 
-    return rows + _attempt("train step", "SeCo ÷ baseline FLOPs, VOC recipe", voc)
+    return (rows + _attempt("train step", "SeCo ÷ baseline FLOPs, VOC recipe", voc)
+            + _attempt("train step", "SeCo ÷ baseline launches and waits, VOC recipe shape",
+                       voc_shape))
 
 
 def _throughput_rows(tag: str, params: Params, prepared: Path, model: Path, out: Path,

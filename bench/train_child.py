@@ -1,7 +1,8 @@
 """Training steps in a process of their own, for ``bench/speed.py``: seconds per step with
 every term of the objective on, peak RSS and peak GPU memory, isolated from the parent; or
-(``"flops"`` in the spec) each preset's floating-point operations per step, so a large
-configuration's memory is returned to the system when the count is done.
+(``"flops"`` in the spec) each preset's floating-point operations per step, or
+(``"host_reads"``) its ATen ops and host reads per step, so a large configuration's memory is
+returned to the system when the count is done.
 
     python bench/train_child.py '{"params": "params.yaml", "overrides": [], "prepared":
         "artifacts/prepared", "warmup": 1, "steps": 5}'    # prints RESULT {...}
@@ -141,6 +142,9 @@ def child_main(spec: dict[str, Any]) -> dict[str, Any]:
     if "flops" in spec:
         return train_step.count_flops(Path(spec["params"]), spec["overrides"], spec["flops"],
                                       Path(spec["prepared"]))
+    if "host_reads" in spec:
+        return train_step.count_host_reads(Path(spec["params"]), spec["overrides"],
+                                           spec["host_reads"], 2, Path(spec["prepared"]))
     return train_child(spec)
 
 

@@ -8,8 +8,13 @@ preset, untimed, counts its floating-point operations (forward and backward, mat
 and convolutions: ``torch.utils.flop_counter``): the arithmetic the preset asks for, so the
 FLOP ratio is the step ratio an implementation bound by arithmetic would reach.
 
+With ``--host-reads`` it counts instead, for one step of each preset, the top-level ATen ops
+(kernel launches on a GPU), the ``nonzero`` calls and the package's reads of tensor values by
+call site (each a wait for the device on a GPU): :func:`host_reads`.
+
     python bench/train_step.py                       # embedded default profile
     python bench/train_step.py --params recipes/voc.yaml --set data.source=synthetic ...
+    python bench/train_step.py --host-reads --warmup 2
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -34,6 +42,7 @@ from seco_cli.params import load_params  # noqa: E402
 from seco_cli.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "seco_cli"
 
 
 def all_on_iteration(tp) -> int:
@@ -105,6 +114,65 @@ def step_flops(trainer: Trainer, batch: dict[str, torch.Tensor], it: int) -> int
     return int(counter.get_total_flops())
 
 
+# Tensor methods through which Python reads a tensor's value on the host: on a GPU each one
+# waits until every kernel queued before it has run (the CPU stops queueing ahead).
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+def host_reads(trainer: Trainer, batch: dict[str, torch.Tensor], it: int,
+               ) -> dict[str, Any]:
+    """One training step's launch and wait counts, a proxy of how it runs on a GPU measured on
+    any device: top-level ATen ops (each a kernel launch or more on a GPU; ``torch.profiler``),
+    ``nonzero`` calls (boolean indexing included; each waits for the device), and reads of
+    tensor values from the package's own code (:data:`READS`, by call site ``file:line``).
+    Reads inside ``torch.optim`` are left out: the optimiser's step counters are CPU tensors
+    on every device, so reading them waits for nothing."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sites: Counter[str] = Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def counting(name: str):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            stack = traceback.extract_stack()[:-1]
+            if not any("torch/optim/" in f.filename for f in stack):
+                own = [f for f in stack if f"{PACKAGE}/" in f.filename]
+                if own:
+                    sites[f"{own[-1].filename.split(PACKAGE + '/')[1]}:{own[-1].lineno}"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    try:
+        for name in READS:
+            setattr(torch.Tensor, name, counting(name))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainer.step(batch, it)
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return {"aten_ops": len(top), "nonzero": sum(e.name == "aten::nonzero" for e in events),
+            "reads": sum(sites.values()), "read_sites": dict(sites.most_common())}
+
+
+def count_host_reads(params_file: Path, overrides: list[str], presets: list[str], warmup: int,
+                     prepared: Path | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`host_reads` of each preset's step after ``warmup`` steps (the reservoir and
+    the optimiser state exist then), on the same batch."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers, batches, it, _ = _setup(params_file, overrides, presets, warmup + 1, prepared,
+                                          tmp)
+        out = {}
+        for name, trainer in trainers.items():
+            for batch in batches[:-1]:
+                trainer.step(batch, it)
+            out[name] = host_reads(trainer, batches[-1], it)
+        return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
@@ -115,9 +183,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--prepared", type=Path, help="a prepared dataset (default: prepare one)")
     ap.add_argument("--json", type=Path, help="also write the result here")
+    ap.add_argument("--host-reads", action="store_true",
+                    help="count one step's ATen ops, nonzero calls and host reads instead")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.host_reads:
+        got = count_host_reads(args.params, args.overrides, args.presets.split(","),
+                               args.warmup, args.prepared)
+        for name, r in got.items():
+            print(f"{name}: {r['aten_ops']} ATen ops, {r['nonzero']} nonzero, "
+                  f"{r['reads']} host reads: {r['read_sites']}")
+        if args.json:
+            args.json.write_text(json.dumps(got, indent=2) + "\n")
+        return
     presets = args.presets.split(",")
     res = measure(args.params, args.overrides, presets, args.warmup, args.steps, args.prepared)
     ref = res[presets[0]]["median_s"]

@@ -419,6 +419,30 @@ def test_train_step_counts_each_presets_arithmetic(prepared, tmp_path):
     assert base > 2 * forward.get_total_flops()
 
 
+def test_host_reads_count_the_packages_reads_by_site_and_restore_torch(prepared):
+    import torch
+    import train_step
+    from conftest import ROOT, TINY
+
+    originals = {name: getattr(torch.Tensor, name) for name in train_step.READS}
+    res = train_step.count_host_reads(ROOT / "params.yaml", TINY, ["baseline", "seco"], 1,
+                                      prepared)
+    assert {name: getattr(torch.Tensor, name) for name in train_step.READS} == originals
+    base, seco = res["baseline"], res["seco"]
+    assert 0 < base["aten_ops"] < seco["aten_ops"]  # SeCo's extra passes launch more ops
+    for r in (base, seco):
+        assert r["reads"] == sum(r["read_sites"].values()) > 0
+        assert all(":" in site and not site.startswith("/") for site in r["read_sites"])
+        # the step's total loss is read for logging (trainer.py), once per step
+        lines = (ROOT / "seco_cli" / "trainer.py").read_text().splitlines()
+        total = next(i for i, t in enumerate(lines, 1) if 'logged["loss/total"] = float(' in t)
+        assert r["read_sites"].get(f"trainer.py:{total}") == 1
+        # the optimiser's step counters are CPU tensors everywhere: its reads are not counted
+        step = next(i for i, t in enumerate(lines, 1) if "self.optimizer.step()" in t)
+        assert f"trainer.py:{step}" not in r["read_sites"]
+    assert seco["reads"] > base["reads"]  # SeCo's statistics and reservoir pointer
+
+
 def test_child_peak_rss_is_its_own_not_the_large_parents():
     import subprocess
 
