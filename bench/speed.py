@@ -432,7 +432,7 @@ def part_memory(ctx: Context) -> list[Row]:
 
 def part_gpu(ctx: Context) -> list[Row]:
     if not torch.cuda.is_available():
-        return [Row("GPU", "VOC recipe s/it, peak GPU memory, cams/segment throughput",
+        return [Row("GPU", "VOC recipe s/it, peak GPU memory, SeCo ÷ baseline step",
                     goal="≤ 0.5 s/it (H100)", status="not measured: no CUDA device")]
     params, prepared, over = voc_recipe(ctx, 448, ctx.n(8, 64), ctx.n(4, 32))
     tp = params.train
