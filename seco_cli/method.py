@@ -176,7 +176,7 @@ class SeCo(nn.Module):
     def contrast_terms(self, out: NetOutput, images: torch.Tensor, raw: torch.Tensor,
                        valid: torch.Tensor, labels: torch.Tensor, cam: torch.Tensor,
                        w: StepWeights, gen: torch.Generator, normalise,
-                       stats: dict[str, float]) -> dict[str, torch.Tensor]:
+                       stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Conquer (SPEC §4–5): L_iG against prototypes, rectification, L_iL against keys ∪
         reservoir; then the reservoir and prototypes are updated."""
         tp = self.params.train
@@ -198,7 +198,7 @@ class SeCo(nn.Module):
             cam_tags = v["tags"]
             v["tags"] = alone_tags(patch_logits, labels.repeat_interleave(v["boxes"].shape[1], 0),
                                    tp.alone_threshold, v["fits"])
-            stats["tag_cam_agree"] = float((v["tags"] == cam_tags).float().mean())
+            stats["tag_cam_agree"] = (v["tags"] == cam_tags).float().mean()
         tags = torch.cat([v["tags"], v["global_tags"], v["global_tags"]])
         # teacher keys aligned with q: strong patches, then both global views in one forward
         keys = torch.cat([self._teacher_embed(v["key"]),
@@ -216,9 +216,8 @@ class SeCo(nn.Module):
             rectified, rect = rectify(probe, tags, bank_keys, bank_tags, tp.rectify_proportion)
             if w.rectify:
                 tags = rectified
-            stats["rectified_fraction"] = float(rect["rectified_fraction"])
-            stats["abnormal_fraction"] = float(rect["abnormal_fraction"])
-            stats["mu_mean"] = float(rect["mu_mean"])
+            for name in ("rectified_fraction", "abnormal_fraction", "mu_mean"):
+                stats[name] = rect[name].detach()
         if w.lig > 0:
             terms["lig"] = global_contrast(q, tags, self.prototypes.P.clone(), tp.tau_g)
         if w.lil > 0:
@@ -227,11 +226,11 @@ class SeCo(nn.Module):
             # after the loss, with rectified tags; every rank's keys in rank order, so every
             # rank's reservoir stays identical (SPEC §5)
             self.reservoir.enqueue(*gather_cat(keys.detach().float(), tags))
-            stats["reservoir_fill"] = float(self.reservoir.filled) / tp.reservoir_capacity
+            stats["reservoir_fill"] = self.reservoir.filled.double() / tp.reservoir_capacity
         n_tags = v["tags"].numel()
-        stats["tag_background"] = float((v["tags"] == 0).sum()) / n_tags
-        stats["tag_class"] = float((v["tags"] > 0).sum()) / n_tags
-        stats["tag_uncertain"] = float((v["tags"] < 0).sum()) / n_tags
+        stats["tag_background"] = (v["tags"] == 0).sum().double() / n_tags
+        stats["tag_class"] = (v["tags"] > 0).sum().double() / n_tags
+        stats["tag_uncertain"] = (v["tags"] < 0).sum().double() / n_tags
         if w.proto:  # global teacher: the shared encoder's class token of the whole image
             # from every rank's images, the same update on each rank (SPEC §4)
             z, z_labels = gather_cat(q_global.detach().float(), labels)  # (W·B, d), (W·B, C)
@@ -240,11 +239,12 @@ class SeCo(nn.Module):
 
     def losses(self, batch: dict[str, torch.Tensor], it: int, w: StepWeights, raw: torch.Tensor,
                gen: torch.Generator, normalise, autocast: bool
-               ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """One step's named loss terms (unweighted) and statistics."""
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One step's named loss terms (unweighted) and statistics (0-dim tensors, left on the
+        device: the trainer reads them with the terms in one transfer)."""
         tp = self.params.train
         images, labels, valid = batch["image"], batch["labels"], batch["valid"]
-        stats: dict[str, float] = {}
+        stats: dict[str, torch.Tensor] = {}
         need_seg = w.seg > 0 or w.reg > 0
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = self.net(images, with_seg=need_seg)

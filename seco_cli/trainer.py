@@ -170,13 +170,18 @@ class Trainer:
         raw = (batch["image"] * self.std + self.mean).clamp(0, 1)  # un-normalised, for views
         terms, stats = self.losses(batch, it, w, raw, self._generator(it), self._normalise,
                                    self.autocast)
-        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        total = sum(getattr(w, k) * v for k, v in terms.items())
+        # one read of the device for the finiteness check and everything logged (each read
+        # makes the CPU wait for the GPU); float64 keeps every value as float() gave it
+        values = torch.stack([v.detach().double() for v in (*terms.values(), total,
+                                                            *stats.values())]).tolist()
+        term_values = dict(zip(terms, values, strict=False))
+        bad = [name for name, value in term_values.items() if not math.isfinite(value)]
         if distributed.any_rank(bool(bad)):  # every rank stops, none waits in backward
-            what = (f"loss term '{bad[0]}' became {terms[bad[0]].item()}" if bad
+            what = (f"loss term '{bad[0]}' became {term_values[bad[0]]}" if bad
                     else f"a loss term became non-finite on another rank than {self.rank}")
             raise NonFiniteLoss(f"{what} at iteration {it}", "train",
                                 "lower train.lr or check the data; the last checkpoint is kept")
-        total = sum(getattr(w, k) * v for k, v in terms.items())
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * float(self.sched.lr[it])
         self.optimizer.zero_grad(set_to_none=True)
@@ -184,10 +189,11 @@ class Trainer:
         self.optimizer.step()
         if self.sched.uses_teacher:
             self.method.update_teacher()
-        logged = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-        logged["loss/total"] = float(total.detach())
+        logged = {f"loss/{k}": v for k, v in term_values.items()}
+        logged["loss/total"] = values[len(terms)]
         logged["lr"] = self.optimizer.param_groups[0]["lr"]
-        logged.update({f"seco/{k}": v for k, v in stats.items()})
+        logged.update({f"seco/{k}": v for k, v in zip(stats, values[len(terms) + 1:],
+                                                        strict=True)})
         heads = self.method.cam_heads
         if heads is not None:  # train.cam_select: area — the evidence of each class's choice
             for head, row in zip(heads.HEADS, heads.area.tolist(), strict=True):
