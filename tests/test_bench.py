@@ -430,18 +430,17 @@ def test_host_reads_count_the_packages_reads_by_site_and_restore_torch(prepared)
     assert {name: getattr(torch.Tensor, name) for name in train_step.READS} == originals
     base, seco = res["baseline"], res["seco"]
     assert 0 < base["aten_ops"] < seco["aten_ops"]  # SeCo's extra passes launch more ops
+    lines = (ROOT / "seco_cli" / "trainer.py").read_text().splitlines()
+    step = next(i for i, t in enumerate(lines, 1) if "self.optimizer.step()" in t)
     for r in (base, seco):
         assert r["reads"] == sum(r["read_sites"].values()) > 0
         assert all(":" in site and not site.startswith("/") for site in r["read_sites"])
-        # the step's total loss is read for logging (trainer.py), once per step
-        lines = (ROOT / "seco_cli" / "trainer.py").read_text().splitlines()
         # the trainer reads the device once per step: terms, total and statistics together
         trainer_sites = {k: n for k, n in r["read_sites"].items() if k.startswith("trainer.py")}
         assert list(trainer_sites.values()) == [1]
         read = int(next(iter(trainer_sites)).split(":")[1])
         assert "values = torch.stack(" in lines[read - 1] or ".tolist()" in lines[read - 1]
         # the optimiser's step counters are CPU tensors everywhere: its reads are not counted
-        step = next(i for i, t in enumerate(lines, 1) if "self.optimizer.step()" in t)
         assert f"trainer.py:{step}" not in r["read_sites"]
     assert seco["reads"] > base["reads"]  # SeCo's statistics and reservoir pointer
 

@@ -130,9 +130,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared:
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 3
 
 
-def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepared: Path):
-    p = tiny_params("train.preset=seco", "train.iterations=5", "train.contrast_start=1",
-                    "train.seg_start=1", "train.proto_start=0", "train.rectify_start=2")
+def _seco_run(tmp_path: Path, prepared: Path, iterations: int) -> tuple[Trainer, set[str]]:
+    """A short seco run with every term on from iteration 2; checks every term was logged and
+    every logged value is finite; (trainer, the logged names)."""
+    p = tiny_params("train.preset=seco", f"train.iterations={iterations}",
+                    "train.contrast_start=1", "train.seg_start=1", "train.proto_start=0",
+                    "train.rectify_start=2")
     data = PreparedDataset(prepared)
     logs: list[dict[str, float]] = []
     trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
@@ -141,6 +144,11 @@ def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepa
     for term in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil"):
         assert f"loss/{term}" in seen, term
     assert all(np.isfinite(v) for values in logs for v in values.values())
+    return trainer, seen
+
+
+def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepared: Path):
+    trainer, seen = _seco_run(tmp_path, prepared, 5)
     for stat in ("tag_background", "tag_class", "tag_uncertain", "reservoir_fill",
                  "rectified_fraction"):
         assert f"seco/{stat}" in seen, stat
@@ -222,17 +230,8 @@ def test_bf16_autocast_steps_run_every_term(tmp_path: Path, prepared: Path,
         self.autocast = True
 
     monkeypatch.setattr(Trainer, "__init__", bf16_init)
-    p = tiny_params("train.preset=seco", "train.iterations=4", "train.contrast_start=1",
-                    "train.seg_start=1", "train.proto_start=0", "train.rectify_start=2")
-    data = PreparedDataset(prepared)
-    logs: list[dict[str, float]] = []
-    trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
-                    lambda step, values: logs.append(values))
+    trainer, _ = _seco_run(tmp_path, prepared, 4)
     assert trainer.autocast
-    seen = {k for values in logs for k in values}
-    for term in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil"):
-        assert f"loss/{term}" in seen, term
-    assert all(np.isfinite(v) for values in logs for v in values.values())
     # weights, prototypes and the reservoir stay float32 (autocast changes activations only)
     assert all(t.dtype == torch.float32 for t in trainer.method.state_dict().values()
                if t.is_floating_point())
