@@ -51,13 +51,6 @@ def _prepare(image: Tensor, seg: Tensor, gate: Tensor | None) -> tuple[Tensor, T
     return image.detach().to(dtype), gated, gate
 
 
-def _float32(t: Tensor) -> torch.autocast:
-    """Autocast off on ``t``'s device: W S stays in float32 (as :func:`_prepare` made it) also
-    inside the bf16 autocast region of a CUDA training step, where the matrix products would
-    otherwise come out in bf16 (and writing them into the float32 result fails)."""
-    return torch.autocast(t.device.type, enabled=False)
-
-
 def _reduce(energies: Tensor, gate: Tensor, scale: float, reduction: Reduction) -> Tensor:
     """(B,) per-image energies -> scalar loss."""
     if reduction == "pixel":
@@ -72,7 +65,10 @@ class _Energy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, seg: Tensor, filter_fn: Callable[[Tensor], Tensor]) -> Tensor:
-        with torch.no_grad():
+        # autocast off: W S stays in the dtype _prepare gave S (≥ float32) also inside the bf16
+        # region of a CUDA training step, where its matrix products would come out in bf16
+        # (and writing them into the float32 result fails)
+        with torch.no_grad(), torch.autocast(seg.device.type, enabled=False):
             ws = filter_fn(seg)                                   # (B, K, h, w)
         ctx.save_for_backward(ws)
         return -(seg * ws).flatten(1).sum(1)
@@ -128,9 +124,8 @@ def crf_energy_exact(image: Tensor, seg: Tensor, gate: Tensor | None, sigma_rgb:
     ``sigma_xy`` is in pixels of the given resolution (SPEC: 100 × 0.5 at half resolution).
     """
     image, seg, gate = _prepare(image, seg, gate)
-    with _float32(seg):
-        energies = _Energy.apply(
-            seg, lambda s: exact_filter(image, s, gate, sigma_rgb, sigma_xy, block))  # (B,)
+    energies = _Energy.apply(
+        seg, lambda s: exact_filter(image, s, gate, sigma_rgb, sigma_xy, block))  # (B,)
     return _reduce(energies, gate, scale, reduction)
 
 
@@ -174,9 +169,8 @@ def crf_energy_window(image: Tensor, seg: Tensor, gate: Tensor | None, radius: i
     arguments as :func:`crf_energy_exact`. Equal to it when ``radius >= max(h, w) - 1``; close
     when ``radius`` is several ``sigma_xy`` (or the colour term already cuts the far pairs)."""
     image, seg, gate = _prepare(image, seg, gate)
-    with _float32(seg):
-        energies = _Energy.apply(
-            seg, lambda s: window_filter(image, s, radius, sigma_rgb, sigma_xy))  # (B,)
+    energies = _Energy.apply(
+        seg, lambda s: window_filter(image, s, radius, sigma_rgb, sigma_xy))  # (B,)
     return _reduce(energies, gate, scale, reduction)
 
 
