@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import seco_cli.data.prepared as prepared_mod
 from seco_cli.cli import app
 from seco_cli.data.images import load_image
 from seco_cli.data.loader import TrainSamples
@@ -25,7 +26,6 @@ from seco_cli.data.prepared import PreparedDataset
 from seco_cli.data.sources import coco, folder
 from seco_cli.errors import DataError, SecoError
 from seco_cli.params import PrepareParams
-from seco_cli.store import StoreWriter
 from tests.conftest import ROOT, one_error_line, tiny_params
 
 runner = CliRunner()
@@ -368,13 +368,15 @@ def test_skip_with_every_image_bad_is_an_error(tmp_path: Path):
 
 # --------------------------------------------------------------------------- writing safely
 def _full_disk_after(n: int):
-    real, calls = StoreWriter.write, {"n": 0}
+    """A stand-in for prepare's PNG writer whose disk fills after ``n`` mask files."""
+    real, calls = prepared_mod.save_png, {"n": 0}
 
-    def write(self, image_id, array, attrs=None):
-        calls["n"] += 1
-        if calls["n"] > n:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / image_id))
-        return real(self, image_id, array, attrs)
+    def write(path, array, palette=None):
+        if Path(path).parent.name == "masks":
+            calls["n"] += 1
+            if calls["n"] > n:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, array, palette)
 
     return write
 
@@ -387,7 +389,7 @@ def test_full_disk_during_prepare_keeps_the_earlier_dataset(tmp_path: Path,
     before = (out / "index.json").read_text(), metrics.read_text()
     _rgb(root / "images" / "e.png")  # the dataset grew; the disk fills on the third mask
     _gray(root / "masks" / "e.png", np.ones((12, 10)))
-    monkeypatch.setattr(StoreWriter, "write", _full_disk_after(2))
+    monkeypatch.setattr(prepared_mod, "save_png", _full_disk_after(2))
     result, out, metrics = _prepare(root, tmp_path)
     _one_line(result, "cannot write the prepared dataset", "No space left on device",
               "no partial output was kept", "free disk space", "`seco prepare`")
@@ -396,7 +398,7 @@ def test_full_disk_during_prepare_keeps_the_earlier_dataset(tmp_path: Path,
 
 
 def test_full_disk_on_a_first_prepare_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(StoreWriter, "write", _full_disk_after(1))
+    monkeypatch.setattr(prepared_mod, "save_png", _full_disk_after(1))
     result, out, metrics = _prepare(_folder(tmp_path / "ds"), tmp_path)
     _one_line(result, "No space left on device")
     _nothing_written(out, metrics)
@@ -420,10 +422,10 @@ def test_interrupted_prepare_leaves_nothing_and_keeps_the_earlier_dataset(
     result, out, _ = _prepare(root, tmp_path)
     before = (out / "index.json").read_text()
 
-    def interrupted(self, image_id, array, attrs=None):
+    def interrupted(path, array, palette=None):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(StoreWriter, "write", interrupted)
+    monkeypatch.setattr(prepared_mod, "save_png", interrupted)
     result, out, _ = _prepare(root, tmp_path)
     assert result.exit_code == 130 and "no output of this stage is marked complete" in result.output
     assert (out / "index.json").read_text() == before

@@ -17,7 +17,7 @@ from PIL import Image
 from seco_cli.data.images import load_mask
 from seco_cli.data.prepared import PreparedDataset, write_prepared
 from seco_cli.data.sources import SourceData, _common, coco, folder, load_source, voc, yolo
-from seco_cli.errors import DataError
+from seco_cli.errors import DataError, MissingInputError
 from seco_cli.params import DataParams, PrepareParams
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -96,6 +96,26 @@ def test_voc_devkit_with_aug_masks(tmp_path: Path) -> None:
     a = ds.mask("a")
     assert a[0, 0] == 15 and a[7, 9] == 255 and a[5, 9] == 0
     assert ds.image_size("a") == (8, 10)
+    # ground truth: one palette PNG per image with a mask, in one flat folder
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["a.png", "b.png",
+                                                                               "c.png"]
+    assert Image.open(tmp_path / "out" / "masks" / "a.png").mode == "P"
+    with pytest.raises(MissingInputError, match="image 't' has no ground-truth mask"):
+        ds.mask("t")
+    (tmp_path / "out" / "masks" / "c.png").unlink()
+    with pytest.raises(MissingInputError, match="mask of 'c' is missing") as exc:
+        ds.mask("c")
+    assert "seco prepare" in exc.value.line()
+
+
+def test_prepared_dataset_of_the_zarr_mask_format_is_refused(tmp_path: Path) -> None:
+    ds_dir = tmp_path / "out"
+    _prepare(voc.read(_voc_tree(tmp_path, aug=False), PrepareParams(voc_splits=["val"])), ds_dir)
+    index = json.loads((ds_dir / "index.json").read_text())
+    (ds_dir / "index.json").write_text(json.dumps({**index, "format_version": 1}))
+    with pytest.raises(MissingInputError, match="unknown format") as exc:
+        PreparedDataset(ds_dir)
+    assert "seco prepare" in exc.value.line()
 
 
 def test_voc2012_root_falls_back_to_segmentation_class(tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ Layout of a prepared folder::
 
     index.json          classes (background first), splits, image paths, image-level labels,
                         sizes, skipped bad images (id → reason), provenance
-    masks.zarr/         ground-truth masks (uint8, 0 background, 1..C, 255 ignore), one array
-                        per image that has a mask (a store of :mod:`seco_cli.store`)
+    masks/              ground-truth masks of the images that have one, ``<id>.png``: palette
+                        PNGs of class indices (0 background, 1..C, 255 ignore), as VOC's
+                        SegmentationClass; one flat folder, which DVC checks in one listing
     images/             images the source supplied as arrays (synthetic data), PNG
     cooccurrence.json   per split: images per class and per class pair
 
@@ -25,13 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from seco_cli.data.images import load_image, save_png
+from seco_cli.data.images import load_image, load_mask, save_png, voc_palette
 from seco_cli.errors import DataError, MissingInputError, SecoError, write_error
-from seco_cli.store import StoreReader, StoreWriter
 
 INDEX = "index.json"
 COOC = "cooccurrence.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ground-truth masks as PNGs under masks/ (1: a Zarr store)
 IGNORE = 255
 
 
@@ -178,7 +178,8 @@ def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[st
     num_classes = len(classes) - 1
     wanted = {i for ids in splits.values() for i in ids}
     (tmp / "images").mkdir(parents=True)
-    masks = StoreWriter(tmp / "masks.zarr", "masks", {"provenance": provenance, "classes": classes})
+    (tmp / "masks").mkdir()
+    palette = voc_palette()
     images: dict[str, str] = {}
     labels: dict[str, list[int]] = {}
     sizes: dict[str, list[int]] = {}
@@ -206,7 +207,7 @@ def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[st
             images[s.id] = str(Path(s.image).resolve())
         sizes[s.id] = size
         if mask is not None:
-            masks.write(s.id, mask)
+            save_png(tmp / f"masks/{s.id}.png", mask, palette)
             with_mask.append(s.id)
         labels[s.id] = lab
         if on_sample:
@@ -219,7 +220,6 @@ def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[st
         first = next(iter(skipped.items()))
         raise DataError(f"every listed image is bad (first: {first[1]})", source,
                         "fix the dataset; on_bad_image: skip leaves no image to prepare")
-    masks.finish()
     kept = {name: [i for i in ids if i in images] for name, ids in splits.items()}
     index = {
         "format_version": FORMAT_VERSION,
@@ -229,6 +229,7 @@ def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[st
         "images": images,
         "labels": labels,
         "sizes": sizes,
+        "masks": with_mask,
         "skipped": skipped,
         "provenance": provenance,
     }
@@ -270,7 +271,7 @@ def summarize(index: dict[str, Any], cooc: dict[str, Any], with_mask: list[str])
 
 
 class PreparedDataset:
-    """Read side of the contract. Images are read on demand; masks from the Zarr store."""
+    """Read side of the contract. Images and masks are read on demand."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -288,7 +289,7 @@ class PreparedDataset:
         self.splits: dict[str, list[str]] = index["splits"]
         self._labels: dict[str, list[int]] = index["labels"]
         self._images: dict[str, str] = index["images"]
-        self.masks = StoreReader(self.path / "masks.zarr", "masks", stage_hint="prepare")
+        self._with_mask = set(index["masks"])
         self.cooccurrence = json.loads((self.path / COOC).read_text())
 
     def ids(self, split: str) -> list[str]:
@@ -319,7 +320,15 @@ class PreparedDataset:
         return load_image(self.image_path(image_id))
 
     def has_mask(self, image_id: str) -> bool:
-        return image_id in self.masks
+        return image_id in self._with_mask
 
     def mask(self, image_id: str) -> np.ndarray:
-        return self.masks.read(image_id)
+        """``(H, W) uint8`` ground truth of an image that has one (:meth:`has_mask`)."""
+        if image_id not in self._with_mask:
+            raise MissingInputError(f"image '{image_id}' has no ground-truth mask", str(self.path),
+                                    "score only the images with masks (has_mask)")
+        path = self.path / "masks" / f"{image_id}.png"
+        if not path.is_file():
+            raise MissingInputError(f"mask of '{image_id}' is missing from '{self.path}'",
+                                    str(path), "run `seco prepare` again")
+        return load_mask(path)
