@@ -40,6 +40,7 @@ from seco_cli.data.prepared import PreparedDataset  # noqa: E402
 from seco_cli.device import resolve_device  # noqa: E402
 from seco_cli.params import load_params  # noqa: E402
 from seco_cli.trainer import Trainer  # noqa: E402
+from seco_cli.waits import select_everywhere  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "seco_cli"
@@ -126,7 +127,8 @@ def host_reads(trainer: Trainer, batch: dict[str, torch.Tensor], it: int,
     ``nonzero`` calls (boolean indexing included; each waits for the device), and reads of
     tensor values from the package's own code (:data:`READS`, by call site ``file:line``).
     Reads inside ``torch.optim`` are left out: the optimiser's step counters are CPU tensors
-    on every device, so reading them waits for nothing."""
+    on every device, so reading them waits for nothing. The step runs the select forms of
+    :mod:`seco_cli.waits`, which a GPU runs, whatever the device."""
     from torch.profiler import ProfilerActivity, profile
 
     sites: Counter[str] = Counter()
@@ -147,7 +149,7 @@ def host_reads(trainer: Trainer, batch: dict[str, torch.Tensor], it: int,
     try:
         for name in READS:
             setattr(torch.Tensor, name, counting(name))
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with select_everywhere(), profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.step(batch, it)
     finally:
         for name, original in originals.items():

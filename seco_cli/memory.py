@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from seco_cli.waits import gathers
+
 
 class Reservoir(nn.Module):
     """FIFO queue of ``capacity`` key embeddings (dim ``dim``) with a matching tag pool."""
@@ -36,27 +38,40 @@ class Reservoir(nn.Module):
         self.register_buffer("tags", torch.full((capacity,), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self._filled: int | None = 0  # host copy of ``filled``; None: read it on next use
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._filled = None  # a checkpoint's count: read once, when next needed
+
+    def _fill_count(self) -> int:
+        if self._filled is None:
+            self._filled = int(self.filled)
+        return self._filled
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, tags: torch.Tensor) -> None:
         """Write ``keys`` (N, d) and ``tags`` (N,) at the pointer, wrapping around.
 
         Same result as writing the rows one by one in order: when N > K only the last K rows
-        survive, each in the slot sequential writing would have given it.
+        survive, each in the slot sequential writing would have given it. The pointer moves
+        on the device and the fill count is kept on the host as well, so neither a write nor
+        :meth:`valid` waits for the device.
         """
         n, k = keys.shape[0], self.capacity
         if n == 0:
             return
-        slots = (int(self.ptr) + torch.arange(n, device=self.keys.device)) % k  # (N,)
+        slots = (self.ptr + torch.arange(n, device=self.keys.device)) % k  # (N,)
         keys, tags, slots = keys[-k:], tags[-k:], slots[-k:]  # the last K only
         self.keys[slots] = keys.detach().to(self.keys)
         self.tags[slots] = tags.to(self.tags)
-        self.ptr.fill_((int(self.ptr) + n) % k)
-        self.filled.fill_(min(int(self.filled) + n, k))
+        self.ptr.copy_((self.ptr + n) % k)
+        self._filled = min(self._fill_count() + n, k)
+        self.filled.fill_(self._filled)
 
     def valid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys (F, d), tags (F,)) of the filled slots (slot order, not age order)."""
-        f = int(self.filled)
+        f = self._fill_count()
         return self.keys[:f], self.tags[:f]
 
 
@@ -80,6 +95,7 @@ class Prototypes(nn.Module):
         momentum: float,
         mode: Literal["adaptive", "single"] = "adaptive",
         tau: float = 0.1,
+        gather: bool | None = None,
     ) -> None:
         """p_c ← normalise(m·p_c + (1 − m)·w_c·z_b) for each label c of each image b.
 
@@ -92,16 +108,32 @@ class Prototypes(nn.Module):
         image b sees the prototypes already updated by images < b, which matters when two
         images share a class); within one image all its labels are updated at once from the
         prototypes as they were before that image. Images without labels are skipped.
+
+        Gather form (:mod:`seco_cli.waits`): each image updates just its own rows, found with
+        ``nonzero``; select form: it computes every row and keeps its own.
         """
         if mode not in ("adaptive", "single"):
             raise ValueError(f"unknown prototype update mode: {mode!r}")
         z = z.detach().to(self.P)
         present = labels.detach() > 0  # (B, C) bool
+        if not gathers(z, gather):
+            if mode == "single":
+                present = present & (present.sum(1, keepdim=True) == 1)
+            for b in range(z.shape[0]):
+                self._update_masked(z[b], present[b], momentum, tau)
+            return
         for b in range(z.shape[0]):
             idx = present[b].nonzero().flatten()  # (L,) class rows of image b
             if idx.numel() == 0 or (mode == "single" and idx.numel() > 1):
                 continue
             self._update_image(z[b], idx, momentum, tau)
+
+    def _update_masked(self, z: torch.Tensor, mine: torch.Tensor, m: float, tau: float) -> None:
+        """:meth:`_update_image` of the rows ``mine`` (C,) bool, computed for every row."""
+        cos = F.cosine_similarity(self.P, z[None], dim=1)  # (C,)
+        w = torch.softmax((cos / tau).masked_fill(~mine, float("-inf")), dim=0)  # NaN if none
+        new = F.normalize(m * self.P + (1.0 - m) * w.nan_to_num(0.0)[:, None] * z[None], dim=1)
+        self.P.copy_(torch.where(mine[:, None], new, self.P))
 
     def _update_image(self, z: torch.Tensor, idx: torch.Tensor, m: float, tau: float) -> None:
         p = self.P[idx]  # (L, d)

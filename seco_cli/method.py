@@ -140,11 +140,10 @@ class SeCo(nn.Module):
         k = probs[0].shape[1]
         refined = par_refine(images, torch.cat(probs, 1), tp.par_dilations, tp.par_iterations)
         high, low = (r.masked_fill(~present, -1.0).argmax(1) for r in refined.split(k, 1))
-        label = torch.full_like(high, IGNORE)
-        label[high > 0] = high[high > 0]
-        label[(high == 0) & (low == 0)] = 0
-        label[~valid] = IGNORE
-        return label
+        # selects, not boolean indexing: the same labels, and no wait for the device
+        label = torch.where(high > 0, high, torch.full_like(high, IGNORE))
+        label = torch.where((high == 0) & (low == 0), torch.zeros_like(label), label)
+        return torch.where(valid, label, torch.full_like(label, IGNORE))
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Student embedding of images/patches: class token → projection (N, d)."""
@@ -161,9 +160,10 @@ class SeCo(nn.Module):
         """Separate (SPEC §3.4–3.7): patches with tags, weak/strong views, second global view."""
         tp = self.params.train
         boxes, too_small = sample_patch_boxes(region, valid, tp.num_patches, tp.patch_size, gen)
-        tags = patch_tags(region, boxes, labels, tp.tag_threshold, too_small)  # (B, n)
-        query = crop_patches(images, boxes, tp.patch_size)  # (B*n, 3, p, p) weak → student
-        key = normalise(strong_view(crop_patches(raw, boxes, tp.patch_size), gen, tp.key_jitter,
+        side = tp.patch_size  # the boxes' side: given, so no step reads it from the device
+        tags = patch_tags(region, boxes, labels, tp.tag_threshold, too_small, side)  # (B, n)
+        query = crop_patches(images, boxes, side, side)  # (B*n, 3, p, p) weak → student
+        key = normalise(strong_view(crop_patches(raw, boxes, side, side), gen, tp.key_jitter,
                                     tp.key_p_jitter, tp.key_p_gray, tp.key_p_blur))
         second = normalise(global_view(
             raw, gen, images.shape[-1], tp.global_scale, p_jitter=tp.global_p_jitter,
@@ -193,7 +193,8 @@ class SeCo(nn.Module):
             with torch.no_grad():
                 patch_logits, _ = self.net.classifier(patch_tokens.detach())
             # patches with a valid pixel that fit the image (the others are never tagged)
-            v["fits"] = ((gather_boxes(valid[:, None].float(), v["boxes"]).flatten(2).sum(-1) > 0)
+            v["fits"] = ((gather_boxes(valid[:, None].float(), v["boxes"], tp.patch_size)
+                          .flatten(2).sum(-1) > 0)
                          & ~v["too_small"]).flatten()
             cam_tags = v["tags"]
             v["tags"] = alone_tags(patch_logits, labels.repeat_interleave(v["boxes"].shape[1], 0),
@@ -213,7 +214,8 @@ class SeCo(nn.Module):
             # embedding space as μ_t (teacher–teacher); `query` compares the student query as
             # the paper writes, which sits systematically below μ_t and over-rectifies.
             probe = keys.detach() if tp.rectify_view == "key" else q.detach()
-            rectified, rect = rectify(probe, tags, bank_keys, bank_tags, tp.rectify_proportion)
+            rectified, rect = rectify(probe, tags, bank_keys, bank_tags, tp.rectify_proportion,
+                                      num_tags=self.prototypes.P.shape[0] + 1)
             if w.rectify:
                 tags = rectified
             for name in ("rectified_fraction", "abnormal_fraction", "mu_mean"):

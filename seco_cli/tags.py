@@ -102,13 +102,15 @@ def _draw_centres(region: torch.Tensor, valid: torch.Tensor, lo: torch.Tensor, h
     return torch.stack([index // w, index % w], dim=-1)  # (B, n, 2)
 
 
-def gather_boxes(x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def gather_boxes(x: torch.Tensor, boxes: torch.Tensor, side: int | None = None) -> torch.Tensor:
     """Contents (B, n, K, s, s) of the equal-size boxes (B, n, 4) of ``x`` (B, K, H, W).
 
     Exact pure gather (no interpolation): equal-size integer boxes index a regular grid.
+    ``side``: the boxes' side when the caller knows it (:func:`sample_patch_boxes` draws
+    them at a given size); else it is read from the boxes and checked, a wait for the device.
     """
     b, n, _ = boxes.shape
-    s = box_size(boxes)
+    s = box_size(boxes) if side is None else side
     offsets = torch.arange(s, device=x.device)
     ys = boxes[..., 0, None].to(x.device) + offsets  # (B, n, s)
     xs = boxes[..., 1, None].to(x.device) + offsets  # (B, n, s)
@@ -128,13 +130,14 @@ def box_size(boxes: torch.Tensor) -> int:
     return s
 
 
-def crop_patches(images: torch.Tensor, boxes: torch.Tensor, out_size: int) -> torch.Tensor:
+def crop_patches(images: torch.Tensor, boxes: torch.Tensor, out_size: int,
+                 side: int | None = None) -> torch.Tensor:
     """All patches (B*n, 3, out, out) of ``images`` (B, 3, H, W) at ``boxes`` (B, n, 4).
 
     Image-major order (patch j of image i at row i*n + j). Resized bilinearly (antialiased)
     only when ``out_size`` differs from the box side.
     """
-    patches = gather_boxes(images, boxes).flatten(0, 1)  # (B*n, 3, s, s)
+    patches = gather_boxes(images, boxes, side).flatten(0, 1)  # (B*n, 3, s, s)
     if patches.shape[-1] != out_size:
         patches = F.interpolate(patches, size=(out_size, out_size), mode="bilinear",
                                 align_corners=False, antialias=True)
@@ -165,7 +168,8 @@ def _fill_single_label(region: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def patch_tags(region: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-               threshold: float, too_small: torch.Tensor) -> torch.Tensor:
+               threshold: float, too_small: torch.Tensor, side: int | None = None,
+               ) -> torch.Tensor:
     """Tags (B, n) long of the patches ``boxes`` (B, n, 4) of ``region`` (B, H, W) (SPEC §3.5).
 
     ``labels`` (B, C) multi-hot. p = (#class + #uncertain pixels) / #valid pixels of the patch
@@ -175,7 +179,7 @@ def patch_tags(region: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
     """
     c = labels.shape[1]
     region = _fill_single_label(region, labels)
-    patches = gather_boxes(region[:, None], boxes)  # (B, n, 1, s, s)
+    patches = gather_boxes(region[:, None], boxes, side)  # (B, n, 1, s, s)
     counts = _value_counts(patches.flatten(2), c)  # (B, n, C+3)
     # Decision (SPEC §3.5): upstream sums class indices — a bug; we count pixels.
     n_valid = counts[..., : c + 2].sum(dim=-1)  # (B, n)

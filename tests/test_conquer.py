@@ -186,8 +186,30 @@ def test_reservoir_state_is_buffers():
     state = res.state_dict()
     assert set(state) == {"keys", "tags", "ptr", "filled"}
     clone = Reservoir(4, 3)
+    clone.enqueue(torch.zeros(3, 3), torch.tensor([2, 2, 2]))  # its own count (3) is replaced
     clone.load_state_dict(state)
     assert int(clone.ptr) == 2 and clone.tags.tolist() == [0, 1, -1, -1]
+    assert clone.valid()[1].tolist() == [0, 1]
+    clone.enqueue(torch.ones(3, 3), torch.tensor([3, 4, 5]))  # 2 + 3 fills the 4 slots
+    assert int(clone.filled) == 4 and int(clone.ptr) == 1 and clone.valid()[1].tolist() == [5, 1, 3, 4]
+
+
+def test_reservoir_writes_and_reads_without_waiting_for_the_device(monkeypatch):
+    """No value of a tensor is read on the host (each read waits for a GPU): the pointer
+    moves on the device, the fill count is mirrored on the host."""
+    res = Reservoir(5, 2)
+
+    def no_read(self, *args):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("__int__", "__index__", "__bool__", "__float__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_read)
+    for n in (3, 4, 2):
+        res.enqueue(torch.randn(n, 2), torch.arange(n))
+        res.valid()
+    monkeypatch.undo()
+    assert int(res.filled) == 5 and int(res.ptr) == (3 + 4 + 2) % 5
+    assert len(res.valid()[0]) == 5
 
 
 # ---------------------------------------------------------------- prototypes (paper eq. 3)
@@ -198,25 +220,27 @@ def test_prototypes_init_normalised_and_seeded():
     assert "P" in a.state_dict()
 
 
-def test_prototype_update_single_label_image():
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "select"])
+def test_prototype_update_single_label_image(gather):
     protos = Prototypes(3, 4, seed=0)
     p0 = protos.P.clone()
     z = _unit(1, 4, 11)
     labels = torch.tensor([[0, 1, 0]])
     for mode in ("single", "adaptive"):
         protos.P.copy_(p0)
-        protos.update(z, labels, momentum=0.9, mode=mode, tau=0.1)
+        protos.update(z, labels, momentum=0.9, mode=mode, tau=0.1, gather=gather)
         expected = F.normalize(0.9 * p0[1] + 0.1 * z[0], dim=0)
         assert torch.allclose(protos.P[1], expected, atol=1e-6)
         assert torch.equal(protos.P[[0, 2]], p0[[0, 2]])
 
 
-def test_prototype_update_two_label_image_adaptive_and_single():
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "select"])
+def test_prototype_update_two_label_image_adaptive_and_single(gather):
     protos = Prototypes(3, 4, seed=1)
     p0 = protos.P.clone()
     z = _unit(1, 4, 12)
     labels = torch.tensor([[1, 0, 1]])
-    protos.update(z, labels, momentum=0.9, mode="adaptive", tau=0.1)
+    protos.update(z, labels, momentum=0.9, mode="adaptive", tau=0.1, gather=gather)
     c0, c2 = float(p0[0] @ z[0]), float(p0[2] @ z[0])
     w0 = math.exp(c0 / 0.1) / (math.exp(c0 / 0.1) + math.exp(c2 / 0.1))
     w2 = 1.0 - w0
@@ -224,17 +248,32 @@ def test_prototype_update_two_label_image_adaptive_and_single():
     assert torch.allclose(protos.P[2], F.normalize(0.9 * p0[2] + 0.1 * w2 * z[0], dim=0), atol=1e-6)
     assert torch.equal(protos.P[1], p0[1])
     protos.P.copy_(p0)
-    protos.update(z, labels, momentum=0.9, mode="single", tau=0.1)  # multi-label: skipped
+    protos.update(z, labels, momentum=0.9, mode="single", tau=0.1, gather=gather)  # multi-label: skipped
     assert torch.equal(protos.P, p0)
 
 
-def test_prototype_update_is_sequential_in_batch_order():
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "select"])
+def test_prototype_update_is_sequential_in_batch_order(gather):
     protos = Prototypes(2, 4, seed=2)
     p0 = protos.P.clone()
     z = _unit(2, 4, 13)
-    protos.update(z, torch.tensor([[1, 0], [1, 0]]), momentum=0.9)
+    protos.update(z, torch.tensor([[1, 0], [1, 0]]), momentum=0.9, gather=gather)
     first = F.normalize(0.9 * p0[0] + 0.1 * z[0], dim=0)
     assert torch.allclose(protos.P[0], F.normalize(0.9 * first + 0.1 * z[1], dim=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "single"])
+def test_prototype_update_select_equals_gather(mode):
+    """The wait-free select path (the default off the CPU) updates as the gather path does:
+    images with no label, one label and several, classes shared between images."""
+    labels = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 1], [0, 1, 0, 0], [1, 1, 1, 0],
+                           [0, 0, 0, 1], [0, 0, 0, 0], [0, 1, 0, 1]])
+    z = _unit(7, 8, 21)
+    gathered, selected = Prototypes(4, 8, seed=5), Prototypes(4, 8, seed=5)
+    gathered.update(z, labels, momentum=0.8, mode=mode, tau=0.1, gather=True)
+    selected.update(z, labels, momentum=0.8, mode=mode, tau=0.1, gather=False)
+    assert not torch.equal(gathered.P, Prototypes(4, 8, seed=5).P)
+    torch.testing.assert_close(selected.P, gathered.P, atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- teacher and projection
@@ -443,3 +482,57 @@ def test_patch_tags_come_from_the_cam_or_from_each_patch_classified_alone(source
     assert stats["tag_cam_agree"] == pytest.approx(
         sum(a == b for a, b in zip(want, seen["cam_tags"].tolist(), strict=True)) / len(want))
     assert stats["tag_class"] == pytest.approx(sum(t > 0 for t in want) / len(want))
+
+
+# ---------------------------------------------------------------- select forms (no device waits)
+def _contrast_case(seed: int, n: int = 30, m: int = 40, c: int = 5, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, generator=g), dim=1).requires_grad_()
+    keys = F.normalize(torch.randn(m, d, generator=g), dim=1)
+    protos = F.normalize(torch.randn(c, d, generator=g), dim=1)
+    tags = torch.randint(-1, c + 1, (n,), generator=g)
+    key_tags = torch.randint(-1, c + 1, (m,), generator=g)
+    return q, tags, keys, key_tags, protos
+
+
+@pytest.mark.parametrize("case", ["random", "no anchor", "no usable key"])
+def test_contrasts_select_equal_gather_values_and_gradients(case):
+    """Each contrast's select form (the default off the CPU) gives the gather form's loss and
+    gradient, also when no query is an anchor or no key can be used."""
+    q, tags, keys, key_tags, protos = _contrast_case(3)
+    if case == "no anchor":
+        tags = torch.full_like(tags, -1)
+    if case == "no usable key":
+        key_tags = torch.full_like(key_tags, -1)
+    losses = {"lig": lambda g: global_contrast(q, tags, protos, 0.1, gather=g),
+              "lil": lambda g: local_contrast(q, tags, keys, key_tags, 0.2, gather=g)}
+    for name, loss_fn in losses.items():
+        out = {}
+        for g in (True, False):
+            q.grad = None
+            loss = loss_fn(g)
+            loss.backward()
+            out[g] = loss.detach(), q.grad.clone()
+        torch.testing.assert_close(out[False][0], out[True][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out[False][1], out[True][1], rtol=1e-5, atol=1e-7)
+        assert torch.isfinite(out[False][1]).all()
+        empty = case == "no anchor" or (case == "no usable key" and name == "lil")
+        assert (out[False][0].item() == 0.0) == empty
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rectify_select_equals_gather(seed):
+    q, tags, keys, key_tags, _ = _contrast_case(seed)
+    q = q.detach()
+    keys[:10] = F.normalize(q[:10] + 0.1 * keys[:10], dim=1)  # some queries near their bank
+    key_tags[:10] = tags[:10]
+    for proportion in (0.3, 0.6):
+        a, sa = rectify(q, tags, keys, key_tags, proportion, gather=True)
+        b, sb = rectify(q, tags, keys, key_tags, proportion, num_tags=6, gather=False)
+        assert torch.equal(a, b)
+        for name in ("rectified_fraction", "abnormal_fraction", "mu_mean"):
+            torch.testing.assert_close(sb[name], sa[name], rtol=1e-5, atol=1e-7)
+        assert int(sb["rectified"]) == int(sa["rectified"]) and int(sa["eligible"]) > 0
+    empty = rectify(q, torch.full_like(tags, -1), keys, torch.full_like(key_tags, -1), 0.5,
+                    num_tags=6, gather=False)[1]
+    assert float(empty["mu_mean"]) == 0.0 and int(empty["eligible"]) == 0

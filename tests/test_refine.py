@@ -259,3 +259,21 @@ def test_dispatch_picks_exact_or_window():
     window = crf_energy_window(image, seg, gate, radius=2, sigma_xy=30.0)
     assert crf_energy(image, seg, gate, sigma_xy=30.0, max_exact=most, radius=2) == exact
     assert crf_energy(image, seg, gate, sigma_xy=30.0, max_exact=most - 1, radius=2) == window
+
+
+def test_exact_energy_of_a_batch_equals_each_image_alone_and_waits_once():
+    """The batch's gated pixels come from one ``nonzero_static`` of the size read with the
+    counts: one wait for the device per batch (a ``nonzero`` per image waited once each),
+    and per image the very energy it has alone, an image with an empty gate included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    image = torch.rand(4, 3, 9, 11, dtype=torch.float64) * 255
+    seg = torch.rand(4, 3, 9, 11, dtype=torch.float64).softmax(1)
+    gate = torch.rand(4, 9, 11) > 0.4
+    gate[2] = False
+    per_image = [crf_energy_exact(image[i:i + 1], seg[i:i + 1], gate[i:i + 1]) for i in range(4)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        batch = crf_energy(image, seg, gate, scale=1.0, reduction="image")
+    names = [e.name for e in prof.events()]
+    assert "aten::nonzero" not in names and names.count("aten::nonzero_static") == 1
+    torch.testing.assert_close(batch, torch.stack(per_image).mean() / 1e-7, rtol=1e-12, atol=0)

@@ -240,3 +240,26 @@ def test_alone_tags_one_class_of_the_image_above_threshold_none_several_and_unfi
     # a higher threshold: 0.1 → sigmoid 0.525 no longer fires, so row 3 is background
     assert alone_tags(logits, labels, 0.55, keep).tolist() == [1, 0, -1, 0, -1]
     assert alone_tags(logits.bfloat16(), labels, 0.5, keep).dtype == torch.long
+
+
+def test_known_side_gives_the_same_tags_and_crops_without_reading_the_device(monkeypatch):
+    """The training step passes the side it drew the boxes at; tags and crops are those of
+    the side read from the boxes, and nothing is read back from the device for it."""
+    g = torch.Generator().manual_seed(3)
+    region = torch.randint(-1, 4, (2, 24, 24), generator=g)
+    valid = torch.ones(2, 24, 24, dtype=torch.bool)
+    labels = torch.tensor([[1, 0, 1], [0, 1, 0]])
+    images = torch.rand(2, 3, 24, 24, generator=g)
+    boxes, too_small = sample_patch_boxes(region, valid, 5, 8, g)
+    tags = patch_tags(region, boxes, labels, 0.2, too_small)
+    crops = crop_patches(images, boxes, 8)
+
+    def no_read(self, *args):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("__int__", "__index__", "__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, no_read)
+    known = patch_tags(region, boxes, labels, 0.2, too_small, side=8), \
+        crop_patches(images, boxes, 8, side=8)
+    monkeypatch.undo()
+    assert torch.equal(known[0], tags) and torch.equal(known[1], crops)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from seco_cli.params import Params
 from seco_cli.pseudo_labels import cams_to_labels
 from seco_cli.schedules import lr_multipliers, step_weights
 from seco_cli.trainer import PRESETS, NonFiniteLoss, Schedules, Trainer, train
+from seco_cli.waits import select_everywhere
 from tests.conftest import tiny_params
 
 
@@ -32,21 +34,36 @@ def test_step_weights_switch_at_start():
     assert w[:4].tolist() == [0.0] * 4 and w[4:].tolist() == [0.12] * 6
 
 
-def test_balanced_seg_loss_weights_halves_equally():
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "select"])
+def test_balanced_seg_loss_weights_halves_equally(gather):
     # 3 background pixels with CE a, 1 foreground pixel with CE b: loss = (a + b) / 2
     logits = torch.zeros(1, 3, 1, 4)
     logits[0, 0, 0, :3] = 2.0  # confident background on the first three pixels
     target = torch.tensor([[[0, 0, 0, 2]]])
     ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")[0, 0]
     expected = 0.5 * ce[:3].mean() + 0.5 * ce[3]
-    assert balanced_seg_loss(logits, target).item() == pytest.approx(expected.item())
+    assert balanced_seg_loss(logits, target, gather).item() == pytest.approx(expected.item())
 
 
-def test_balanced_seg_loss_ignores_255_and_empty_half():
-    logits = torch.randn(1, 3, 2, 2)
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "select"])
+def test_balanced_seg_loss_ignores_255_and_empty_half(gather):
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
     target = torch.tensor([[[255, 255], [0, 0]]])
     ce = torch.nn.functional.cross_entropy(logits, target, ignore_index=255, reduction="none")
-    assert balanced_seg_loss(logits, target).item() == pytest.approx(0.5 * ce[0, 1].mean().item())
+    loss = balanced_seg_loss(logits, target, gather)
+    assert loss.item() == pytest.approx(0.5 * ce[0, 1].mean().item())
+    loss.backward()  # the empty half keeps the graph and gives no gradient
+    assert logits.grad[..., 0, :].abs().sum() == 0 and logits.grad[..., 1, :].abs().sum() > 0
+    nothing = balanced_seg_loss(logits, torch.full_like(target, 255), gather)
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+def test_balanced_seg_loss_select_equals_gather():
+    logits = torch.randn(3, 5, 9, 7, generator=torch.Generator().manual_seed(4))
+    target = torch.randint(0, 5, (3, 9, 7), generator=torch.Generator().manual_seed(5))
+    target[0, :2] = 255
+    torch.testing.assert_close(balanced_seg_loss(logits, target, False),
+                               balanced_seg_loss(logits, target, True), rtol=1e-6, atol=0)
 
 
 def test_cams_to_labels_thresholds():
@@ -130,25 +147,28 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared:
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 3
 
 
-def _seco_run(tmp_path: Path, prepared: Path, iterations: int) -> tuple[Trainer, set[str]]:
+def _seco_run(tmp_path: Path, prepared: Path, iterations: int, select: bool = False,
+              ) -> tuple[Trainer, set[str], list[dict[str, float]]]:
     """A short seco run with every term on from iteration 2; checks every term was logged and
-    every logged value is finite; (trainer, the logged names)."""
+    every logged value is finite; (trainer, the logged names, the logs). ``select``: with the
+    select forms a GPU runs (seco_cli.waits) instead of the CPU's gather forms."""
     p = tiny_params("train.preset=seco", f"train.iterations={iterations}",
                     "train.contrast_start=1", "train.seg_start=1", "train.proto_start=0",
                     "train.rectify_start=2")
     data = PreparedDataset(prepared)
     logs: list[dict[str, float]] = []
-    trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
-                    lambda step, values: logs.append(values))
+    with select_everywhere() if select else contextlib.nullcontext():
+        trainer = train(p, data, torch.device("cpu"), _meta(p, data), tmp_path, False,
+                        lambda step, values: logs.append(values))
     seen = {k for values in logs for k in values}
     for term in ("cls", "aux", "seg", "reg", "ptc", "lig", "lil"):
         assert f"loss/{term}" in seen, term
     assert all(np.isfinite(v) for values in logs for v in values.values())
-    return trainer, seen
+    return trainer, seen, logs
 
 
 def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepared: Path):
-    trainer, seen = _seco_run(tmp_path, prepared, 5)
+    trainer, seen, _ = _seco_run(tmp_path, prepared, 5)
     for stat in ("tag_background", "tag_class", "tag_uncertain", "reservoir_fill",
                  "rectified_fraction"):
         assert f"seco/{stat}" in seen, stat
@@ -157,6 +177,21 @@ def test_seco_iterations_give_finite_losses_for_every_term(tmp_path: Path, prepa
     # prototypes were updated from their random init and stay unit norm
     norms = trainer.method.prototypes.P.norm(dim=1)
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
+
+
+def test_select_forms_train_as_the_gather_forms(tmp_path: Path, prepared: Path):
+    """A SeCo run with the select forms a GPU runs logs what the CPU's gather forms log, up
+    to rounding, term by term and step by step, and ends with the same reservoir."""
+    gathered, _, logs_g = _seco_run(tmp_path / "gather", prepared, 5)
+    selected, _, logs_s = _seco_run(tmp_path / "select", prepared, 5, select=True)
+    assert [sorted(v) for v in logs_s] == [sorted(v) for v in logs_g]
+    for a, b in zip(logs_s, logs_g, strict=True):
+        for k in b.keys() - {"sec_per_iter"}:  # the one wall-clock value
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5), k
+    res_g, res_s = gathered.method.reservoir, selected.method.reservoir
+    assert torch.equal(res_s.tags, res_g.tags) and int(res_s.ptr) == int(res_g.ptr)
+    torch.testing.assert_close(selected.method.prototypes.P, gathered.method.prototypes.P,
+                               rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -230,7 +265,7 @@ def test_bf16_autocast_steps_run_every_term(tmp_path: Path, prepared: Path,
         self.autocast = True
 
     monkeypatch.setattr(Trainer, "__init__", bf16_init)
-    trainer, _ = _seco_run(tmp_path, prepared, 4)
+    trainer, _, _ = _seco_run(tmp_path, prepared, 4, select=True)  # as on a GPU
     assert trainer.autocast
     # weights, prototypes and the reservoir stay float32 (autocast changes activations only)
     assert all(t.dtype == torch.float32 for t in trainer.method.state_dict().values()

@@ -88,11 +88,13 @@ def test_strong_view_applies_ops_to_some_samples_only():
 
 
 @pytest.mark.parametrize("jitter", [(0.4, 0.4, 0.2, 0.1), (0.4, 0.0, 0.2, 0.0)])
-def test_color_jitter_runs_each_sample_through_its_own_op_order(jitter):
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "select"])
+def test_color_jitter_runs_each_sample_through_its_own_op_order(jitter, gather):
     """Per sample, as torchvision: with probability p the four ops in a random order, each
-    with its own factor; magnitude-0 ops skipped; the draws (apply, u, order) in that order."""
+    with its own factor; magnitude-0 ops skipped; the draws (apply, u, order) in that order.
+    Both ways of running the ops (gather the samples, or run all and select) give it."""
     x = _images(b=48)
-    out = random_color_jitter(x, _gen(3), jitter, p=0.7)
+    out = random_color_jitter(x, _gen(3), jitter, p=0.7, gather=gather)
     g = _gen(3)
     apply = torch.rand(48, generator=g) < 0.7
     u = torch.rand(48, 4, generator=g)
@@ -174,3 +176,16 @@ def test_solarize_only():
                       p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=1.0, p_flip=0.0)
     ref = TF.solarize(F.interpolate(x, size=(20, 20), mode="bilinear", align_corners=False), 0.5)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_color_jitter_select_equals_gather_and_never_waits():
+    """The two ways agree to the bit, and the select way calls no ``nonzero`` (a device wait
+    on a GPU): the default off the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = _images(b=40)
+    gathered = random_color_jitter(x, _gen(5), (0.4, 0.4, 0.2, 0.1), p=0.8, gather=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        selected = random_color_jitter(x, _gen(5), (0.4, 0.4, 0.2, 0.1), p=0.8, gather=False)
+    assert torch.equal(gathered, selected) and not torch.equal(selected, x)
+    assert not [e for e in prof.events() if e.name == "aten::nonzero"]

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from seco_cli.tags import valid_bbox
+from seco_cli.waits import gathers
 
 Jitter = tuple[float, float, float, float]  # brightness, contrast, saturation, hue magnitudes
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
@@ -89,14 +90,15 @@ _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue
 
 
 def random_color_jitter(x: torch.Tensor, generator: torch.Generator, jitter: Jitter,
-                        p: float) -> torch.Tensor:
+                        p: float, gather: bool | None = None) -> torch.Tensor:
     """torchvision ``RandomApply([ColorJitter(*jitter)], p)`` per sample.
 
     Factors: brightness / contrast / saturation uniform in [max(0, 1 − m), 1 + m], hue shift
-    uniform in [−m, m]; the four ops run in a per-sample random order. Each op runs once per
-    step on just the samples whose order names it (a gather), so every jittered sample costs
-    its four ops and an unjittered one nothing. An op of magnitude 0 is skipped, as
-    torchvision does.
+    uniform in [−m, m]; the four ops run in a per-sample random order. An op of magnitude 0
+    is skipped, as torchvision does. Two forms (:mod:`seco_cli.waits`), equal to the bit:
+    gather runs each op on just the samples whose order names it at that step (a jittered
+    sample costs its four ops, an unjittered one nothing); select runs each op on every
+    sample and keeps it where the order names it (4 × the arithmetic, no wait).
     """
     b = x.shape[0]
     apply = _rand(generator, (b,), x.device) < p  # (B,)
@@ -107,13 +109,18 @@ def random_color_jitter(x: torch.Tensor, generator: torch.Generator, jitter: Jit
     lo = torch.tensor([max(0.0, 1 - m) for m in jitter[:3]] + [-jitter[3]], device=x.device)
     hi = torch.tensor([1 + m for m in jitter[:3]] + [jitter[3]], device=x.device)
     factors = lo + (hi - lo) * u  # (B, 4)
+    gather = gathers(x, gather)
     y = x.clone()
     for step in range(4):
         for j, op in enumerate(_JITTER_OPS):
             if jitter[j] > 0:
-                idx = (apply & (order[:, step] == j)).nonzero().flatten()  # (k,)
-                if idx.numel():
-                    y[idx] = op(y[idx], factors[idx, j])
+                chosen = apply & (order[:, step] == j)  # (B,)
+                if gather:
+                    idx = chosen.nonzero().flatten()  # (k,)
+                    if idx.numel():
+                        y[idx] = op(y[idx], factors[idx, j])
+                else:
+                    y = torch.where(_per_sample(chosen), op(y, factors[:, j]), y)
     return y
 
 

@@ -4,12 +4,17 @@ L_iL against keys ∪ reservoir, and ToCo's patch-token contrast L_ptc.
 Tags: 0 = background, c ≥ 1 = class c (prototype row c − 1), −1 = uncertain.
 Embeddings q and keys are expected L2-normalised (projection head output); similarities
 are computed in float32 whatever the autocast dtype.
+
+``gather``: each loss has a gather and a select form (:mod:`seco_cli.waits`): equal up to
+rounding, and the select form, the default off the CPU, never makes the host wait.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from seco_cli.waits import gathers
 
 
 def _zero(x: torch.Tensor) -> torch.Tensor:
@@ -18,7 +23,8 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
 
 
 def global_contrast(
-    q: torch.Tensor, tags: torch.Tensor, prototypes: torch.Tensor, tau: float
+    q: torch.Tensor, tags: torch.Tensor, prototypes: torch.Tensor, tau: float,
+    gather: bool | None = None,
 ) -> torch.Tensor:
     """L_iG (paper eq. 4, SPEC §4).
 
@@ -28,6 +34,16 @@ def global_contrast(
     anchors, 0 (attached to the graph) when there is none.
     """
     anchor = tags >= 1  # (N,)
+    if not gathers(q, gather):
+        rows = (tags - 1).clamp_min(0)  # (N,)
+        in_batch = prototypes.new_zeros(prototypes.shape[0]).index_add_(
+            0, rows, anchor.to(prototypes.dtype)) > 0  # (C,) the set A
+        # a row that is no anchor sees every class (finite) and weighs 0
+        allowed = in_batch[None] | ~anchor[:, None]  # (N, C)
+        logits = q.float() @ prototypes.detach().float().T / tau
+        log_prob = logits.masked_fill(~allowed, float("-inf")).log_softmax(dim=1)
+        per_row = -log_prob.gather(1, rows[:, None]).squeeze(1)  # (N,)
+        return (per_row * anchor).sum() / anchor.sum().clamp_min(1)
     if not bool(anchor.any()):
         return _zero(q)
     rows = tags[anchor] - 1  # (n,) prototype rows
@@ -39,16 +55,22 @@ def global_contrast(
     return -log_prob.gather(1, rows[:, None]).mean()
 
 
-def _tag_mean_similarity(keys: torch.Tensor, tags: torch.Tensor, num_tags: int) -> torch.Tensor:
+def _tag_mean_similarity(keys: torch.Tensor, tags: torch.Tensor, num_tags: int,
+                         gather: bool = True) -> torch.Tensor:
     """μ_t (T,): mean similarity over off-diagonal pairs of entries tagged t; NaN if < 2.
 
     Exact without the (M, M) matrix: Σ_{i≠j} k_i·k_j = ‖Σ_i k_i‖² − Σ_i ‖k_i‖².
     """
     keep = tags >= 0
-    keys, tags = keys[keep].float(), tags[keep]
+    if gather:
+        keys, tags = keys[keep].float(), tags[keep]
+        weight = None
+    else:  # every entry, an uncertain one (−1) counted in row 0 with weight 0
+        keys, tags, weight = keys.float(), tags.clamp_min(0), keep.float()
+        keys = keys * weight[:, None]
     sums = keys.new_zeros(num_tags, keys.shape[1]).index_add_(0, tags, keys)  # (T, d)
     sq = keys.new_zeros(num_tags).index_add_(0, tags, (keys * keys).sum(1))  # (T,)
-    n = torch.bincount(tags, minlength=num_tags).float()  # (T,)
+    n = torch.bincount(tags, weights=weight, minlength=num_tags).float()  # (T,)
     mu = ((sums * sums).sum(1) - sq) / (n * (n - 1)).clamp_min(1.0)
     return mu.masked_fill(n < 2, float("nan"))
 
@@ -60,6 +82,8 @@ def rectify(
     bank_keys: torch.Tensor,
     bank_tags: torch.Tensor,
     proportion: float,
+    num_tags: int | None = None,
+    gather: bool | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Tag rectification (paper eqs. 6–7, SPEC §5); returns (new_tags (N,), stats).
 
@@ -78,9 +102,12 @@ def rectify(
     ``abnormal_fraction`` (mean abnormal-pair fraction over eligible queries, for
     calibrating β), ``mu`` (T,) μ per tag (NaN where undefined), ``mu_mean`` (mean of the
     defined μ), ``frac`` (N,) each query's abnormal-pair fraction (NaN where not eligible).
+    ``num_tags``: more than the largest tag (the classes + 1), else read from the tags.
     """
-    num_tags = 1 + int(torch.cat([tags, bank_tags, tags.new_zeros(1)]).max())  # T ≥ 1
-    mu = _tag_mean_similarity(bank_keys, bank_tags, num_tags)  # (T,)
+    gather = gathers(q, gather)
+    if num_tags is None:
+        num_tags = 1 + int(torch.cat([tags, bank_tags, tags.new_zeros(1)]).max())  # T ≥ 1
+    mu = _tag_mean_similarity(bank_keys, bank_tags, num_tags, gather)  # (T,)
     sim = q.float() @ bank_keys.float().T  # (N, M)
     same = (bank_tags[None] == tags[:, None]) & (tags[:, None] >= 0)  # (N, M)
     mu_q = mu[tags.clamp_min(0)]  # (N,)
@@ -96,7 +123,8 @@ def rectify(
         "rectified": n_rect,
         "abnormal_fraction": (frac * eligible).sum() / n_elig.clamp_min(1).float(),
         "mu": mu,
-        "mu_mean": mu.nanmean() if bool((~torch.isnan(mu)).any()) else mu.new_zeros(()),
+        "mu_mean": (mu.nanmean() if bool((~torch.isnan(mu)).any()) else mu.new_zeros(()))
+        if gather else torch.where(torch.isnan(mu).all(), 0.0, mu.nanmean()),
         "frac": frac.masked_fill(~eligible, float("nan")),
     }
     return new_tags, stats
@@ -108,6 +136,7 @@ def local_contrast(
     keys: torch.Tensor,
     key_tags: torch.Tensor,
     tau: float,
+    gather: bool | None = None,
 ) -> torch.Tensor:
     """L_iL (paper eq. 8, SPEC §5): supervised contrast of queries against keys ∪ reservoir.
 
@@ -122,6 +151,14 @@ def local_contrast(
     key_ok = key_tags != -1  # (M,)
     pos = (q_tags[:, None] == key_tags[None]) & key_ok[None]  # (N, M)
     anchor = (q_tags != -1) & pos.any(1)  # (N,)
+    if not gathers(q, gather):
+        logits = q.float() @ keys.detach().float().T / tau  # (N, M)
+        # no usable key at all: a finite denominator (no row is an anchor then)
+        in_den = key_ok[None] | ~key_ok.any()
+        log_den = logits.masked_fill(~in_den, float("-inf")).logsumexp(dim=1)  # (N,)
+        log_prob = torch.where(pos, logits - log_den[:, None], torch.zeros_like(logits))
+        per_row = -(log_prob.sum(1) / pos.sum(1).clamp_min(1))  # (N,)
+        return (per_row * anchor).sum() / anchor.sum().clamp_min(1)
     if not bool(anchor.any()):
         return _zero(q)
     pos = pos[anchor]  # (n, M)
@@ -144,11 +181,10 @@ def ptc_token_labels(
     """
     cam = aux_cam.detach() * labels[:, :, None, None].to(aux_cam.dtype)  # (B, C, h, w)
     value, cls = cam.max(dim=1)  # (B, h, w)
-    out = cls + 1
-    out[value <= bkg] = 0
-    out[value <= high] = -1
-    out[value <= low] = 0
-    return out
+    # selects, not boolean indexing: the same labels, and no wait for the device
+    out = torch.where(value <= bkg, 0, cls + 1)
+    out = torch.where(value <= high, -1, out)
+    return torch.where(value <= low, 0, out)
 
 
 def patch_token_contrast(

@@ -28,6 +28,7 @@ valid-region pixels; here the caller's boolean gate applies to both sides. Its `
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -93,17 +94,26 @@ def _features(image: Tensor, idx: Tensor, sigma_rgb: float, sigma_xy: float) -> 
 
 
 def exact_filter(image: Tensor, seg: Tensor, gate: Tensor, sigma_rgb: float, sigma_xy: float,
-                 block: int = 4096) -> Tensor:
+                 block: int = 4096, counts: list[int] | None = None) -> Tensor:
     """W S over the gated pixels of each image, exactly: (B, K, h, w), 0 outside the gate.
 
     ``image`` (B, 3, h, w), ``seg`` (B, K, h, w), ``gate`` (B, h, w) bool. Cost O(N² (K + 5))
-    per image, memory O(block · N).
+    per image, memory O(block · N). ``counts``: the gated pixels per image when the caller
+    has read them already. The pixel indices of the whole batch come from one
+    ``nonzero_static`` of that known size, so the batch waits for the device once (reading
+    the counts), not once per image.
     """
     out = torch.zeros(seg.shape, dtype=seg.dtype, device=seg.device)  # contiguous: .view below
-    for b in range(seg.shape[0]):
-        idx = gate[b].flatten().nonzero().squeeze(1)              # (N,)
-        if idx.numel() == 0:
+    flat = gate.flatten(1)                                        # (B, hw)
+    if counts is None:
+        counts = flat.sum(1).tolist()
+    hw = flat.shape[1]
+    every = torch.nonzero_static(flat.flatten(), size=sum(counts)).squeeze(1)  # image-major
+    ends = itertools.accumulate(counts)
+    for b, (n, end) in enumerate(zip(counts, ends, strict=True)):
+        if n == 0:
             continue
+        idx = every[end - n: end] - b * hw                        # (N,) flat pixels of image b
         feats = _features(image[b], idx, sigma_rgb, sigma_xy)     # (N, 5)
         s = seg[b].flatten(1)[:, idx]                             # (K, N)
         rows = []
@@ -117,7 +127,8 @@ def exact_filter(image: Tensor, seg: Tensor, gate: Tensor, sigma_rgb: float, sig
 
 def crf_energy_exact(image: Tensor, seg: Tensor, gate: Tensor | None, sigma_rgb: float = 15.0,
                      sigma_xy: float = 50.0, scale: float = 1e-7,
-                     reduction: Reduction = "image", block: int = 4096) -> Tensor:
+                     reduction: Reduction = "image", block: int = 4096,
+                     counts: list[int] | None = None) -> Tensor:
     """L_reg with the exact W: ``image`` (B, 3, h, w) RGB 0–255, ``seg`` (B, K, h, w) softmax,
     ``gate`` (B, h, w) bool or None (all pixels). Returns a scalar.
 
@@ -125,7 +136,7 @@ def crf_energy_exact(image: Tensor, seg: Tensor, gate: Tensor | None, sigma_rgb:
     """
     image, seg, gate = _prepare(image, seg, gate)
     energies = _Energy.apply(
-        seg, lambda s: exact_filter(image, s, gate, sigma_rgb, sigma_xy, block))  # (B,)
+        seg, lambda s: exact_filter(image, s, gate, sigma_rgb, sigma_xy, block, counts))  # (B,)
     return _reduce(energies, gate, scale, reduction)
 
 
@@ -180,7 +191,8 @@ def crf_energy(image: Tensor, seg: Tensor, gate: Tensor | None, sigma_rgb: float
     """L_reg (SPEC §6): the exact form when every image has at most ``max_exact`` gated pixels
     (its cost grows as N²), else the ``radius`` window. One choice for the whole batch."""
     b, _, h, w = seg.shape
-    most = h * w if gate is None else int(gate.flatten(1).sum(1).max()) if b else 0
-    if most <= max_exact:
-        return crf_energy_exact(image, seg, gate, sigma_rgb, sigma_xy, scale, reduction)
+    counts = [h * w] * b if gate is None else gate.bool().flatten(1).sum(1).tolist()  # one wait
+    if max(counts, default=0) <= max_exact:
+        return crf_energy_exact(image, seg, gate, sigma_rgb, sigma_xy, scale, reduction,
+                                counts=counts)
     return crf_energy_window(image, seg, gate, radius, sigma_rgb, sigma_xy, scale, reduction)
