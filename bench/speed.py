@@ -208,8 +208,8 @@ def _reads_rows(what: str, res: dict[str, dict[str, Any]]) -> list[Row]:
                 f"launches on a GPU), {what}", f"{s['aten_ops']:,}",
                 f"{b['aten_ops']:,} (baseline)", s["aten_ops"] / b["aten_ops"], raw=res),
             row("train step", f"SeCo ÷ baseline, host waits in one step (reads of tensor "
-                f"values by the package + nonzero calls; on a GPU each drains the launch "
-                f"queue), {what}", f"{s['reads']} + {s['nonzero']}",
+                f"values by the package + nonzero calls, in the select forms a GPU runs; on "
+                f"a GPU each drains the launch queue), {what}", f"{s['reads']} + {s['nonzero']}",
                 f"{b['reads']} + {b['nonzero']} (baseline)", waits_s / waits_b)]
 
 
