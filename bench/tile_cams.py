@@ -1,0 +1,238 @@
+"""Can tiles classified alone replace an inverted CAM? A diagnostic on trained models.
+
+The isolated-patch probe (`evaluate`, `probe` in evaluate.json) showed that a class whose
+whole-image CAM is inverted (the person beside the horse, the boat on its water) is still read
+from its own tiles: each ``train.patch_size`` tile classified alone scores the victim above
+its partner's tiles. This script asks whether that can be turned into a CAM. For each
+checkpoint and each classifier head it builds, from the same images (``--images`` of the
+train split, resized to the inference input as the probe does):
+
+- ``image``: the CAM of the SPEC (multi-scale + flip fusion, ``train.cam_scales``);
+- ``tile-cam``: every tile (side ``train.patch_size``, every half tile, the far edges
+  covered) and its flip through the network alone, each tile's own CAM put back where the
+  tile came from, a pixel taking the mean over the tiles that cover it — no attention
+  reaches a tile from outside;
+- ``tile-logit-mean`` / ``tile-logit-min``: each tile's image logit (global max pooling of
+  its CAM; flip fused by max), every quarter tile, spread over the tile's pixels; a pixel
+  takes the mean, or the minimum, over the tiles that cover it (ReLU'd).
+
+Each map is normalised as training normalises CAMs (per class, min-max, the image's labels
+only) and turned into a mask against a constant background score, for each ``--bkg``; the
+table gives per-class IoU and mIoU against the ground truth.
+
+    python bench/tile_cams.py --model artifacts/train/model.pt
+    python bench/tile_cams.py --exp q-synthetic-default-seco-s1-c78c13d3   # a quality run's model
+
+``--exp`` takes a DVC experiment (name or commit) of this repository: the model is read from
+the DVC cache by the md5 its ``dvc.lock`` records, so a ``bench/quality.py`` run needs no
+``dvc exp apply``. Writes ``bench/results/tile-cams.{json,md}`` (``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
+
+import benchlib  # noqa: E402
+
+from seco_cli.cams import fuse_cams, normalise_cams  # noqa: E402
+from seco_cli.data.prepared import PreparedDataset  # noqa: E402
+from seco_cli.data.transforms import resize_square, to_tensor  # noqa: E402
+from seco_cli.inference import load_model  # noqa: E402
+from seco_cli.metrics import ConfusionMatrix  # noqa: E402
+from seco_cli.params import load_params  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_OUT = "artifacts/train/model.pt"
+VARIANTS = ("image", "tile-cam", "tile-logit-mean", "tile-logit-min")
+
+
+def tile_starts(side: int, size: int, step: int) -> list[int]:
+    """Offsets of ``size`` tiles every ``step`` pixels along a side of ``side`` pixels, plus
+    one flush against the far edge when the grid falls short of it, so every pixel is
+    covered; a side no longer than a tile is one tile at 0."""
+    if side <= size:
+        return [0]
+    starts = list(range(0, side - size + 1, step))
+    if starts[-1] != side - size:
+        starts.append(side - size)
+    return starts
+
+
+def tiles_of(images: torch.Tensor, size: int, step: int
+             ) -> tuple[torch.Tensor, list[tuple[int, int]], tuple[int, int]]:
+    """(B, 3, H, W) → tiles (B·T, 3, th, tw) image-major, their (top, left) offsets, and
+    their side (th, tw) = ``size`` clipped to the image."""
+    h, w = images.shape[-2:]
+    th, tw = min(size, h), min(size, w)
+    where = [(y, x) for y in tile_starts(h, size, step) for x in tile_starts(w, size, step)]
+    crops = torch.stack([images[:, :, y:y + th, x:x + tw] for y, x in where], 1)
+    return crops.flatten(0, 1), where, (th, tw)
+
+
+def place(values: torch.Tensor, where: list[tuple[int, int]], side: tuple[int, int],
+          size: tuple[int, int], reduce: str) -> torch.Tensor:
+    """Per-tile maps (B, T, C, th, tw) back onto (B, C, H, W): each pixel the ``mean`` or the
+    ``min`` over the tiles covering it."""
+    b, _, c = values.shape[:3]
+    th, tw = side
+    if reduce == "mean":
+        out = values.new_zeros(b, c, *size)
+        cover = values.new_zeros(1, 1, *size)
+        for i, (y, x) in enumerate(where):
+            out[..., y:y + th, x:x + tw] += values[:, i]
+            cover[..., y:y + th, x:x + tw] += 1
+        return out / cover
+    out = values.new_full((b, c, *size), float("inf"))
+    for i, (y, x) in enumerate(where):
+        out[..., y:y + th, x:x + tw] = torch.minimum(out[..., y:y + th, x:x + tw], values[:, i])
+    return out
+
+
+@torch.no_grad()
+def maps(net, images: torch.Tensor, aux: bool, scales: list[float], patch: int
+         ) -> dict[str, torch.Tensor]:
+    """The four maps of the module docstring for one head: each (B, C, H, W), ≥ 0."""
+    b = images.shape[0]
+    size = tuple(images.shape[-2:])
+    stride = net.backbone.stride
+    fn = partial(net.cams, aux=aux)
+    out = {"image": fuse_cams(fn, images, scales, True, size, multiple=stride)}
+    tiles, where, side = tiles_of(images, patch, max(1, patch // 2))
+    cams = fuse_cams(fn, tiles, [1.0], True, side, multiple=stride)  # ReLU'd, flip by max
+    out["tile-cam"] = place(cams.unflatten(0, (b, len(where))), where, side, size, "mean")
+    tiles, where, side = tiles_of(images, patch, max(1, patch // 4))
+    res = net(torch.cat([tiles, tiles.flip(-1)]), with_seg=False)
+    logits = (res.aux_logits if aux else res.logits).float()
+    n = tiles.shape[0]
+    logits = torch.maximum(logits[:n], logits[n:]).unflatten(0, (b, len(where)))  # (B, T, C)
+    spread = logits[..., None, None].expand(*logits.shape, *side)
+    for reduce in ("mean", "min"):
+        out[f"tile-logit-{reduce}"] = F.relu(place(spread, where, side, size, reduce))
+    return out
+
+
+def model_of_exp(exp: str, repo: Path) -> Path:
+    """The DVC-cache path of the model a DVC experiment (name or commit) recorded."""
+    try:
+        lock = subprocess.run(["git", "show", f"{exp}:dvc.lock"], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+    except subprocess.CalledProcessError:
+        ref = subprocess.run(["git", "for-each-ref", "--format=%(refname)",
+                              f"refs/exps/*/*/{exp}"], cwd=repo, capture_output=True,
+                             text=True).stdout.split()
+        if not ref:
+            raise SystemExit(f"error: no DVC experiment or commit {exp!r} in {repo}; "
+                             "list them with `dvc exp list --all-commits`") from None
+        lock = subprocess.run(["git", "show", f"{ref[0]}:dvc.lock"], cwd=repo, check=True,
+                              capture_output=True, text=True).stdout
+    for out in yaml.safe_load(lock)["stages"]["train"]["outs"]:
+        if out["path"] == MODEL_OUT:
+            md5 = out["md5"]
+            path = repo / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+            if not path.is_file():
+                raise SystemExit(f"error: {exp}'s model ({md5}) is not in {path.parent.parent}; "
+                                 "run the experiment again or `dvc pull` it")
+            return path
+    raise SystemExit(f"error: {exp}'s dvc.lock records no {MODEL_OUT}")
+
+
+@torch.no_grad()
+def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: list[float],
+            batch: int) -> dict[str, dict]:
+    """Per head, variant and background score: the confusion summary (per-class IoU, mIoU)."""
+    net, _ = load_model(model, params, data.num_classes, torch.device("cpu"))
+    crop = params.model.crop_size
+    k = data.num_classes + 1
+    cms = {(h, v, b): ConfusionMatrix(k) for h in ("final", "aux") for v in VARIANTS for b in bkgs}
+    for start in range(0, len(ids), batch):
+        chunk = ids[start:start + batch]
+        images = torch.stack([resize_square(to_tensor(data.image(i), params.data.mean,
+                                                      params.data.std), crop) for i in chunk])
+        labels = torch.tensor(np.stack([data.label_vector(i) for i in chunk])).float()
+        gts = [F.interpolate(torch.from_numpy(np.ascontiguousarray(data.mask(i)))[None, None]
+                             .float(), size=(crop, crop), mode="nearest")[0, 0].numpy()
+               for i in chunk]
+        for head in ("final", "aux"):
+            for variant, cam in maps(net, images, head == "aux", params.train.cam_scales,
+                                     params.train.patch_size).items():
+                cam = normalise_cams(cam, labels)
+                for b in bkgs:
+                    pred = torch.cat([torch.full_like(cam[:, :1], b), cam], 1).argmax(1).numpy()
+                    for g, p in zip(gts, pred, strict=True):
+                        cms[head, variant, b].update(g.astype(np.int64), p)
+    result: dict[str, dict] = {}
+    for (head, variant, b), cm in cms.items():
+        iou = cm.compute()["iou"]
+        present = cm.mat.sum(1) > 0
+        result.setdefault(head, {}).setdefault(variant, {})[str(b)] = {
+            "miou": float(np.nanmean(np.where(present, iou, np.nan))),
+            "iou": {data.classes[c]: (None if np.isnan(iou[c]) else float(iou[c]))
+                    for c in range(k)}}
+    return result
+
+
+def render(runs: dict[str, dict], classes: list[str], head: dict) -> str:
+    lines = ["# Tile CAMs: tiles classified alone as a CAM (`bench/tile_cams.py`)\n",
+             benchlib.header_markdown(head)]
+    for name, run in runs.items():
+        lines.append(f"\n## {name}\n\n- model: `{run['model']}`; {run['images']} train images\n\n")
+        rows = []
+        for h, variants in run["result"].items():
+            for v, per_bkg in variants.items():
+                for b, r in per_bkg.items():
+                    rows.append([h, v, b, f"{100 * r['miou']:.1f}",
+                                 *(("—" if r["iou"][c] is None else f"{100 * r['iou'][c]:.0f}")
+                                   for c in classes)])
+        lines.append(benchlib.md_table(["head", "map", "bkg", "mIoU", *classes], rows))
+    return "".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", action="append", default=[], help="a model.pt (repeatable)")
+    ap.add_argument("--exp", action="append", default=[],
+                    help="a DVC experiment of this repository (repeatable)")
+    ap.add_argument("--exp-repo", default=str(ROOT),
+                    help="the clone holding the experiments (default: this one)")
+    ap.add_argument("--prepared", default="artifacts/prepared")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", action="append", default=[], help="params override (repeatable)")
+    ap.add_argument("--images", type=int, default=200, help="first n train images")
+    ap.add_argument("--bkg", type=float, action="append", default=None,
+                    help="background score(s); default evaluate.cam_bkg")
+    ap.add_argument("--batch", type=int, default=20)
+    ap.add_argument("--results", default="bench/results/tile-cams.json")
+    args = ap.parse_args(argv)
+    models = {m: Path(m) for m in args.model} | {e: model_of_exp(e, Path(args.exp_repo)) for e in args.exp}
+    if not models:
+        ap.error("give at least one --model or --exp")
+    params = load_params(args.params, args.set)
+    data = PreparedDataset(args.prepared)
+    ids = [i for i in data.ids(params.data.train_split) if data.has_mask(i)][:args.images]
+    bkgs = args.bkg or [params.evaluate.cam_bkg]
+    torch.set_grad_enabled(False)
+    runs = {name: {"model": str(path), "images": len(ids),
+                   "result": measure(path, params, data, ids, bkgs, args.batch)}
+            for name, path in models.items()}
+    head = benchlib.run_header()
+    text = render(runs, data.classes, head)
+    print(text)
+    out = Path(args.results)
+    benchlib.write_json(out, {**head, "bkg": bkgs, "runs": runs})
+    benchlib.write_text(out.with_suffix(".md"), text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
