@@ -147,6 +147,32 @@ def pool_startup(workers: int) -> float:
                                     workers)))
 
 
+def crf_seconds(data: PreparedDataset, ids: list[str], crf: Any, num_labels: int, crop: int,
+                seed: int = 0) -> dict[str, Any]:
+    """Seconds of the segment stage's dense CRF alone (:func:`segment_labels` with
+    ``crf``: resize to the image, softmax, CRF, argmax), one process, per image of ``ids``.
+    The logits are random at a ViT-B/16's token grid (``crop`` / 16), upsampled to ``crop``
+    as the decoder's are: the CRF's cost depends on the image and the label count, not on
+    the weights that made the logits."""
+    from seco_cli.postprocess import crf_kwargs, resize_scores, segment_labels
+
+    rng = np.random.default_rng(seed)
+    kwargs = crf_kwargs(crf)
+    seconds = []
+    for image_id in ids:
+        image = data.image(image_id)
+        grid = max(1, crop // 16)
+        logits = resize_scores(3 * rng.standard_normal((num_labels, grid, grid))
+                               .astype(np.float32), (crop, crop))
+        start = time.perf_counter()
+        segment_labels(image, logits, kwargs)
+        seconds.append(time.perf_counter() - start)
+    h, w = data.image_size(ids[0])
+    return {"images": len(ids), "seconds_per_image": float(np.mean(seconds)),
+            "seconds": seconds, "labels": num_labels, "size": [h, w],
+            "iterations": crf.iterations}
+
+
 def cam_bytes(prepared: Path, cams: Path) -> dict[str, Any]:
     """CAM bytes per image as stored (the store's per-image arrays on disk, metadata
     included) against float32 full-resolution maps of every foreground class (``ratio``;

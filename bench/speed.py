@@ -11,6 +11,8 @@ met / not met); a part that fails reports its error in its row and the others st
   scales and flips (``bench/inference_speed``), on 320 px synthetic images with the profile's
   network at crop 320, untrained (speed does not depend on the weights) — goal ≥ 0.8;
 - ``crf``: the pseudo stage (dense CRF) with 2 worker processes ÷ 1 — goal ≥ 1.7;
+- ``crf_voc``: the segment stage's dense CRF alone at the VOC recipe's shape (448 px, 21
+  labels), one process: seconds per image, and the stage's ceiling on this machine's cores;
 - ``cam_bytes``: CAM bytes per image as stored ÷ float32 full-resolution maps of every
   class, for the 6 embedded classes and for 20 VOC-like classes (a synthetic dataset with the
   VOC class names) — goal ≤ 1/50;
@@ -51,10 +53,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import benchlib  # noqa: E402
 
 # The stages' CRF pools start workers with ``spawn``, and a spawned worker re-runs this
-# script's top-level imports (as ``__mp_main__``). torch and the measuring code load only
-# when this file runs as the program, so the pool start-up measured here is the stages' own
-# (their workers are torch-free), not this script's.
-if __name__ == "__main__":
+# script's top-level imports (as ``__mp_main__``). torch and the measuring code load
+# everywhere but there — when this file runs as the program or is imported — so the pool
+# start-up measured here is the stages' own (their workers are torch-free), not this
+# script's, and other scripts can import the helpers below.
+if __name__ != "__mp_main__":
     import inference_speed as inf  # noqa: E402
     import torch  # noqa: E402
     import train_child  # noqa: E402
@@ -292,6 +295,23 @@ def part_crf(ctx: Context) -> list[Row]:
     return rows
 
 
+def part_crf_voc(ctx: Context) -> list[Row]:
+    """The segment stage's dense CRF alone at the VOC recipe's shape, one process: the
+    ceiling of that stage's throughput on this machine's cores, whatever the device."""
+    params, prepared, _ = voc_recipe(ctx, 448, 2, ctx.n(2, 4))
+    data = PreparedDataset(prepared)
+    ids = data.ids(params.segment.split or params.data.eval_split)
+    r = inf.crf_seconds(data, ids, params.segment.crf, data.num_classes + 1,
+                        params.model.crop_size)
+    cores = resolve_workers(0)
+    s = r["seconds_per_image"]
+    what = (f"segment's dense CRF alone, VOC recipe ({r['size'][0]}×{r['size'][1]} px, "
+            f"{r['labels']} labels, {r['iterations']} it), one process, {r['images']} images")
+    return [row("CRF", what, f"{s:.2f} s/image", raw=r),
+            row("CRF", f"segment stage ceiling at that CRF: {cores} cores ÷ {s:.2f} s/image "
+                "(no device makes it faster)", f"{cores / s:.2f} img/s", raw=r)]
+
+
 def _bytes_row(what: str, b: dict[str, Any]) -> Row:
     return row("CAM bytes", f"{what}: {b['own_classes_per_image']:.2f} own classes/image, "
                f"{b['stored_per_class_map']:,.0f} B per stored class map; reference float32 × "
@@ -468,6 +488,7 @@ def part_gpu_inference(ctx: Context) -> list[Row]:
 
 
 PARTS = {"train_step": part_train_step, "inference": part_inference, "crf": part_crf,
+         "crf_voc": part_crf_voc,
          "cam_bytes": part_cam_bytes, "dvc": part_dvc, "memory": part_memory, "gpu": part_gpu,
          "gpu_inference": part_gpu_inference}
 

@@ -221,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     data = PreparedDataset(args.prepared)
     ids = [i for i in data.ids(params.data.train_split) if data.has_mask(i)][:args.images]
     bkgs = args.bkg or [params.evaluate.cam_bkg]
-    torch.set_grad_enabled(False)
     runs = {name: {"model": str(path), "images": len(ids),
                    "result": measure(path, params, data, ids, bkgs, args.batch)}
             for name, path in models.items()}

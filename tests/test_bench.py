@@ -550,3 +550,22 @@ def test_git_revision_is_dirty_for_code_but_not_for_the_benchmarks_own_results(t
     (tmp_path / "code.py").write_text("x = 2\n")
     assert benchlib.git_revision(tmp_path) == head + "-dirty"
     assert benchlib.git_revision(tmp_path / "nowhere") == "unknown"
+
+
+def test_crf_seconds_times_the_segment_crf_per_image(prepared):
+    """bench/inference_speed.crf_seconds (the speed bench's `crf_voc` part): one timing per
+    image, of the CRF the params give, at the image's own size."""
+    import inference_speed
+    from conftest import tiny_params
+
+    from seco_cli.data.prepared import PreparedDataset
+
+    params = tiny_params("segment.crf.iterations=2")
+    data = PreparedDataset(prepared)
+    ids = data.ids("val")[:3]
+    r = inference_speed.crf_seconds(data, ids, params.segment.crf, data.num_classes + 1,
+                                    params.model.crop_size)
+    assert r["images"] == 3 and len(r["seconds"]) == 3 and min(r["seconds"]) > 0
+    assert r["labels"] == data.num_classes + 1 and r["iterations"] == 2
+    assert r["size"] == list(data.image_size(ids[0]))
+    assert r["seconds_per_image"] == pytest.approx(sum(r["seconds"]) / 3)

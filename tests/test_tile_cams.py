@@ -105,3 +105,4 @@ def test_the_command_measures_every_head_and_map(tmp_path, prepared):
                 assert 0.0 <= r["miou"] <= 1.0
                 assert set(r["iou"]) == set(data.classes)
     assert "| final | tile-cam | 0.4 |" in results.with_suffix(".md").read_text()
+
