@@ -346,6 +346,9 @@ class SegmentParams(_Section):
     scales: list[float] = [1.0, 1.25, 1.5]
     flip: bool = True
     crf: CrfParams = CrfParams()
+    # all (SPEC): the CRF over every label; present (deviation, README): over the labels that
+    # win at one pixel or more before it, the others dropped — its cost falls with the labels
+    crf_labels: Literal["all", "present"] = "all"
     workers: int = Field(0, ge=0)  # processes for the CRF; 0 = all cores
     batch_size: int = Field(16, ge=1)
     device: str = "auto"

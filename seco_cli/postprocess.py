@@ -196,17 +196,30 @@ def pseudo_job(job: tuple[str, np.ndarray, np.ndarray, list[int]], settings: Mas
     return image_id, pseudo_mask(image, cam, labels, settings)
 
 
-def segment_labels(image: np.ndarray, logits: np.ndarray, crf: dict[str, Any]) -> np.ndarray:
+def segment_labels(image: np.ndarray, logits: np.ndarray, crf: dict[str, Any],
+                   labels: str = "all") -> np.ndarray:
     """``logits`` (C+1, h, w) → (H, W) uint8 at the size of ``image`` (H, W, 3): bilinear
-    resize, then softmax + dense CRF when ``crf`` (dense_crf kwargs) is given, argmax."""
+    resize, then softmax + dense CRF when ``crf`` (dense_crf kwargs) is given, argmax.
+
+    ``labels`` (``segment.crf_labels``): ``all`` runs the CRF over every label (SPEC §8);
+    ``present`` over the labels that are the argmax of at least one pixel before it, in label
+    order, with their own probabilities (the unary of a kept label is unchanged; the dropped
+    labels' mass is simply gone). One label present: the CRF cannot change it, and is skipped.
+    """
     scores = resize_scores(logits, image.shape[:2])                      # (C+1, H, W)
     if not crf:
         return scores.argmax(0).astype(np.uint8)
-    return crf_labels(image, softmax(scores, 0), list(range(scores.shape[0])), **crf)
+    probs = softmax(scores, 0)
+    if labels == "all":
+        return crf_labels(image, probs, list(range(scores.shape[0])), **crf)
+    present = np.flatnonzero(np.bincount(probs.argmax(0).ravel(), minlength=probs.shape[0]))
+    if present.size == 1:
+        return np.full(image.shape[:2], present[0], dtype=np.uint8)
+    return crf_labels(image, probs[present], present.tolist(), **crf)
 
 
 def segment_job(job: tuple[str, np.ndarray, np.ndarray], crf: dict[str, Any],
-                ) -> tuple[str, np.ndarray]:
+                labels: str = "all") -> tuple[str, np.ndarray]:
     """(id, image, logits) → (id, labels), for the pool."""
     image_id, image, logits = job
-    return image_id, segment_labels(image, logits, crf)
+    return image_id, segment_labels(image, logits, crf, labels)

@@ -3,7 +3,8 @@ VOC-palette PNGs of the final one (also for a split without ground truth).
 
 - ``raw/<id>``: scale 1, no flip, no CRF;
 - ``ms_crf/<id>``: ``segment.scales`` with the flip pair (logits summed over the pair, max over
-  scales), then the dense CRF (``segment.crf``, over ``segment.workers`` processes).
+  scales), then the dense CRF (``segment.crf``, over ``segment.workers`` processes; over
+  every label, or with ``segment.crf_labels: present`` over those that win a pixel before it).
 
 Sharded runs (``shard``) write their share of the ids into the one store.
 """
@@ -48,13 +49,15 @@ def run(params: Params, prepared: Path, model: Path, out: Path, png_dir: Path,
     inf = setup(params, prepared, model, sp.device, "segment.device",
                 sp.split or params.data.eval_split, shard)
     variants = {RAW: {"scales": [1.0], "flip": False, "crf": False},
-                MS_CRF: {"scales": sp.scales, "flip": sp.flip, "crf": sp.crf.iterations > 0}}
+                MS_CRF: {"scales": sp.scales, "flip": sp.flip, "crf": sp.crf.iterations > 0,
+                         "crf_labels": sp.crf_labels}}
     writer = open_writer(out, "segment", {**inf.attrs, "variants": variants},
                          shard=shard.index, num_shards=shard.count, groups=VARIANTS)
     crf = crf_kwargs(sp.crf)
     workers = resolve_workers(sp.workers) if crf else 1
     raw: dict[str, Any] = {}
-    preds = imap(partial(segment_job, crf=crf), _forward(inf, params, raw), workers)
+    preds = imap(partial(segment_job, crf=crf, labels=sp.crf_labels),
+                 _forward(inf, params, raw), workers)
     what = f"segment ({inf.split}){shard.label}"
     for image_id, pred in progress.track(preds, len(inf.ids), what):
         writer.write(image_id, raw.pop(image_id), group=RAW)

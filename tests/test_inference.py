@@ -17,12 +17,13 @@ from PIL import Image
 from seco_cli.cams import fuse_cams
 from seco_cli.data.images import load_mask
 from seco_cli.data.prepared import PreparedDataset, Sample, write_prepared
+from seco_cli.data.transforms import resize_square, to_tensor
 from seco_cli.errors import MissingInputError, SecoError
-from seco_cli.inference import build_loaded, load_model, prefetch, seg_variants
+from seco_cli.inference import build_loaded, load_model, prefetch, seg_logits, seg_variants
 from seco_cli.metrics import BkgSweep, best_threshold
 from seco_cli.models.network import SeCoNet
 from seco_cli.pictures import CAPTION, COLUMNS, GridRow, grid_size, sample_grid
-from seco_cli.postprocess import MaskSettings, cam_to_mask, pseudo_mask
+from seco_cli.postprocess import MaskSettings, cam_to_mask, pseudo_mask, resize_scores
 from seco_cli.shards import Shard, parse_shard, resolve_shard
 from seco_cli.store import COMPLETE, StoreReader, StoreWriter, open_writer
 from stages import cams as cams_stage
@@ -566,3 +567,35 @@ def test_network_with_a_buffer_the_checkpoint_lacks_is_built_the_plain_way(
     assert not net.table.is_meta and torch.equal(net.table, torch.arange(4.0))
     for name, value in net.state_dict().items():
         assert torch.equal(value, state[name]), name
+
+
+def test_segment_crf_over_present_labels(case):
+    """`segment.crf_labels: present`: ms_crf keeps to the labels that win a pixel of the
+    multi-scale logits before the CRF; raw is untouched; the store records the choice."""
+    root = case["root"]
+    out = {}
+    for mode in ("all", "present"):
+        params = tiny_params("segment.workers=1", f"segment.crf_labels={mode}")
+        segment_stage.run(params, case["prepared"], case["model"], root / f"cl_{mode}.zarr",
+                          root / f"cl_{mode}_png")
+        out[mode] = StoreReader(root / f"cl_{mode}.zarr", "segment")
+        assert out[mode].attrs["variants"]["ms_crf"]["crf_labels"] == mode
+    ids = out["all"].ids("ms_crf")
+    assert ids == out["present"].ids("ms_crf")
+    data = PreparedDataset(case["prepared"])
+    params = tiny_params()
+    net, _ = load_model(case["model"], params, data.num_classes, torch.device("cpu"))
+    same = total = 0
+    for image_id in ids:
+        assert np.array_equal(out["all"].read(image_id, "raw"), out["present"].read(image_id, "raw"))
+        image = data.image(image_id)
+        x = resize_square(to_tensor(image, params.data.mean, params.data.std),
+                          params.model.crop_size)[None]
+        with torch.no_grad():
+            logits = seg_logits(net, x, params.segment.scales, params.segment.flip)[0].numpy()
+        won = set(np.unique(resize_scores(logits, image.shape[:2]).argmax(0)).tolist())
+        labels = out["present"].read(image_id, "ms_crf")
+        assert set(np.unique(labels).tolist()) <= won
+        a = out["all"].read(image_id, "ms_crf")
+        same, total = same + int((a == labels).sum()), total + a.size
+    assert same / total > 0.9  # the labels that won nowhere seldom win after the CRF

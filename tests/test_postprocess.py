@@ -111,3 +111,57 @@ def test_init_worker_sets_one_thread(monkeypatch):
         assert all(os.environ[v] == "1" for v in pool._THREAD_VARS)
     finally:
         torch.set_num_threads(threads)
+
+
+def _image_and_logits(rng, k: int, h: int = 20, w: int = 24):
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    return image, rng.standard_normal((k, h // 2, w // 2)).astype(np.float32)
+
+
+def test_crf_over_present_labels_keeps_to_them():
+    """`segment.crf_labels: present`: the CRF runs over the labels that win a pixel before it,
+    so nothing else can come out; the labels out are those labels' own ids."""
+    from seco_cli.postprocess import segment_labels
+
+    rng = np.random.default_rng(3)
+    image, logits = _image_and_logits(rng, 6)
+    logits[[1, 4]] -= 20.0  # labels 1 and 4 win nowhere
+    before = resize_scores(logits, image.shape[:2]).argmax(0)
+    present = set(np.unique(before).tolist())
+    assert present.isdisjoint({1, 4}) and len(present) >= 2
+    out = segment_labels(image, logits, CRF, "present")
+    assert out.dtype == np.uint8 and out.shape == image.shape[:2]
+    assert set(np.unique(out).tolist()) <= present
+
+
+def test_crf_over_present_labels_equals_all_when_the_others_are_negligible():
+    from seco_cli.postprocess import segment_labels
+
+    rng = np.random.default_rng(4)
+    image, logits = _image_and_logits(rng, 5)
+    logits[2:] -= 40.0  # labels 2-4: probability ≈ 0 everywhere (clipped at 1e-5 in the unary)
+    np.testing.assert_array_equal(segment_labels(image, logits, CRF, "present"),
+                                  segment_labels(image, logits, CRF, "all"))
+
+
+def test_crf_over_one_present_label_is_that_label_everywhere():
+    from seco_cli.postprocess import segment_labels
+
+    rng = np.random.default_rng(5)
+    image, logits = _image_and_logits(rng, 4)
+    logits[3] += 50.0
+    out = segment_labels(image, logits, CRF, "present")
+    assert (out == 3).all()
+    np.testing.assert_array_equal(out, segment_labels(image, logits, CRF, "all"))
+
+
+def test_segment_job_passes_the_crf_labels(monkeypatch):
+    import seco_cli.postprocess as pp
+
+    seen = []
+    monkeypatch.setattr(pp, "segment_labels", lambda *a: seen.append(a[3]) or np.zeros((1, 1)))
+    rng = np.random.default_rng(6)
+    image, logits = _image_and_logits(rng, 3)
+    pp.segment_job(("a", image, logits), CRF, "present")
+    pp.segment_job(("b", image, logits), CRF)
+    assert seen == ["present", "all"]
