@@ -22,7 +22,7 @@ from seco_cli.data.prepared import INDEX, PreparedDataset
 from seco_cli.data.transforms import resize_square, to_tensor
 from seco_cli.device import resolve_device
 from seco_cli.models.network import SeCoNet
-from seco_cli.params import Params
+from seco_cli.params import ModelParams, Params
 from seco_cli.provenance import provenance
 from seco_cli.shards import Shard
 from seco_cli.store import input_stamp
@@ -40,7 +40,7 @@ def load_model(path: Path, params: Params, num_classes: int, device: torch.devic
     return build_loaded(mp, num_classes, ckpt["model"], path).to(device).eval(), ckpt.get("meta", {})
 
 
-def build_loaded(mp: Any, num_classes: int, state: dict[str, Any], path: Path) -> SeCoNet:
+def build_loaded(mp: ModelParams, num_classes: int, state: dict[str, Any], path: Path) -> SeCoNet:
     """The network holding ``state``'s weights. Built on the meta device, the checkpoint's
     tensors then assigned: no random initialisation of weights about to be replaced (about a
     second of CPU for a ViT-B/16 at every start of cams and segment). Built the plain way when

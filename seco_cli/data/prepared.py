@@ -31,8 +31,14 @@ from seco_cli.errors import DataError, MissingInputError, SecoError, write_error
 
 INDEX = "index.json"
 COOC = "cooccurrence.json"
+MASKS = "masks"  # the ground-truth PNGs, one per image that has a mask
 FORMAT_VERSION = 2  # 2: ground-truth masks as PNGs under masks/ (1: a Zarr store)
 IGNORE = 255
+
+
+def mask_path(root: Path, image_id: str) -> Path:
+    """Where a prepared dataset at ``root`` keeps the mask of ``image_id``."""
+    return root / MASKS / f"{image_id}.png"
 
 
 @dataclass
@@ -178,7 +184,7 @@ def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[st
     num_classes = len(classes) - 1
     wanted = {i for ids in splits.values() for i in ids}
     (tmp / "images").mkdir(parents=True)
-    (tmp / "masks").mkdir()
+    (tmp / MASKS).mkdir()
     palette = voc_palette()
     images: dict[str, str] = {}
     labels: dict[str, list[int]] = {}
@@ -207,7 +213,7 @@ def _write(tmp: Path, source: str, classes: list[str], splits: dict[str, list[st
             images[s.id] = str(Path(s.image).resolve())
         sizes[s.id] = size
         if mask is not None:
-            save_png(tmp / f"masks/{s.id}.png", mask, palette)
+            save_png(mask_path(tmp, s.id), mask, palette)
             with_mask.append(s.id)
         labels[s.id] = lab
         if on_sample:
@@ -327,8 +333,8 @@ class PreparedDataset:
         if image_id not in self._with_mask:
             raise MissingInputError(f"image '{image_id}' has no ground-truth mask", str(self.path),
                                     "score only the images with masks (has_mask)")
-        path = self.path / "masks" / f"{image_id}.png"
-        if not path.is_file():
+        path = mask_path(self.path, image_id)
+        if not path.is_file():  # a prepared folder missing a file it lists: say how to fix
             raise MissingInputError(f"mask of '{image_id}' is missing from '{self.path}'",
                                     str(path), "run `seco prepare` again")
         return load_mask(path)
