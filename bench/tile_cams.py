@@ -155,6 +155,7 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
     crop = params.model.crop_size
     k = data.num_classes + 1
     cms = {(h, v, b): ConfusionMatrix(k) for h in ("final", "aux") for v in VARIANTS for b in bkgs}
+    agree: dict[tuple[str, int], list[float]] = {}
     for start in range(0, len(ids), batch):
         chunk = ids[start:start + batch]
         images = torch.stack([resize_square(to_tensor(data.image(i), params.data.mean,
@@ -164,22 +165,42 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
                              .float(), size=(crop, crop), mode="nearest")[0, 0].numpy()
                for i in chunk]
         for head in ("final", "aux"):
-            for variant, cam in maps(net, images, head == "aux", params.train.cam_scales,
-                                     params.train.patch_size).items():
+            found = maps(net, images, head == "aux", params.train.cam_scales,
+                         params.train.patch_size)
+            for (_, c), r in agreement(found["image"], found["tile-logit-mean"], labels).items():
+                agree.setdefault((head, c), []).append(r)
+            for variant, cam in found.items():
                 cam = normalise_cams(cam, labels)
                 for b in bkgs:
                     pred = torch.cat([torch.full_like(cam[:, :1], b), cam], 1).argmax(1).numpy()
                     for g, p in zip(gts, pred, strict=True):
                         cms[head, variant, b].update(g.astype(np.int64), p)
-    result: dict[str, dict] = {}
+    result: dict[str, dict] = {"heads": {}, "agreement": {}}
     for (head, variant, b), cm in cms.items():
         iou = cm.compute()["iou"]
         present = cm.mat.sum(1) > 0
-        result.setdefault(head, {}).setdefault(variant, {})[str(b)] = {
+        result["heads"].setdefault(head, {}).setdefault(variant, {})[str(b)] = {
             "miou": float(np.nanmean(np.where(present, iou, np.nan))),
             "iou": {data.classes[c]: (None if np.isnan(iou[c]) else float(iou[c]))
                     for c in range(k)}}
+    for (head, c), rs in sorted(agree.items()):
+        result["agreement"].setdefault(head, {})[data.classes[c + 1]] = {
+            "mean_r": float(np.mean(rs)), "images": len(rs)}
     return result
+
+
+def agreement(cam: torch.Tensor, tiles: torch.Tensor, labels: torch.Tensor
+              ) -> dict[tuple[int, int], float]:
+    """Per (image, class) of ``labels``: the Pearson correlation over pixels between the
+    image's CAM and its tile-logit map — does the whole-image CAM rise where the tiles, each
+    classified alone, find the class? (A label-free sign of an inverted head: negative.)
+    Pairs where either map is constant are left out."""
+    out = {}
+    for b, c in labels.nonzero().tolist():
+        x, y = cam[b, c].flatten().double(), tiles[b, c].flatten().double()
+        if x.std() > 0 and y.std() > 0:
+            out[b, c] = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
+    return out
 
 
 def render(runs: dict[str, dict], classes: list[str], head: dict) -> str:
@@ -188,13 +209,21 @@ def render(runs: dict[str, dict], classes: list[str], head: dict) -> str:
     for name, run in runs.items():
         lines.append(f"\n## {name}\n\n- model: `{run['model']}`; {run['images']} train images\n\n")
         rows = []
-        for h, variants in run["result"].items():
+        for h, variants in run["result"]["heads"].items():
             for v, per_bkg in variants.items():
                 for b, r in per_bkg.items():
                     rows.append([h, v, b, f"{100 * r['miou']:.1f}",
                                  *(("—" if r["iou"][c] is None else f"{100 * r['iou'][c]:.0f}")
                                    for c in classes)])
         lines.append(benchlib.md_table(["head", "map", "bkg", "mIoU", *classes], rows))
+        agree = run["result"]["agreement"]
+        lines.append("\nCorrelation of the image CAM with the tile-logit map (mean over the "
+                     "class's images; negative: the CAM falls where the tiles find the class)"
+                     "\n\n")
+        lines.append(benchlib.md_table(
+            ["head", *classes[1:]],
+            [[h, *((f"{agree[h][c]['mean_r']:+.2f}" if c in agree.get(h, {}) else "—")
+                   for c in classes[1:])] for h in ("final", "aux")]))
     return "".join(lines)
 
 

@@ -98,11 +98,25 @@ def test_the_command_measures_every_head_and_map(tmp_path, prepared):
     run = out["runs"][str(model)]
     assert run["images"] == 5 and out["bkg"] == [0.1, 0.4] and out["git_revision"]
     for head in ("final", "aux"):
-        assert set(run["result"][head]) == set(tc.VARIANTS)
-        for per_bkg in run["result"][head].values():
+        assert set(run["result"]["heads"][head]) == set(tc.VARIANTS)
+        for r in run["result"]["agreement"][head].values():
+            assert -1.0 <= r["mean_r"] <= 1.0 and r["images"] >= 1
+        for per_bkg in run["result"]["heads"][head].values():
             assert set(per_bkg) == {"0.1", "0.4"}
             for r in per_bkg.values():
                 assert 0.0 <= r["miou"] <= 1.0
                 assert set(r["iou"]) == set(data.classes)
     assert "| final | tile-cam | 0.4 |" in results.with_suffix(".md").read_text()
 
+
+
+def test_agreement_is_the_sign_of_where_the_cam_sits():
+    """+1 where the CAM rises with the tile map, −1 where it is its mirror, and classes not in
+    the labels or constant maps are left out."""
+    ramp = torch.linspace(0, 1, 16).reshape(4, 4)
+    cam = torch.stack([ramp, 1 - ramp, ramp, torch.zeros(4, 4)])[None]  # (1, 4, 4, 4)
+    tiles = torch.stack([ramp, ramp, ramp, ramp])[None]
+    labels = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    r = tc.agreement(cam, tiles, labels)
+    assert set(r) == {(0, 0), (0, 1)}
+    assert r[0, 0] == pytest.approx(1.0) and r[0, 1] == pytest.approx(-1.0)
