@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,25 +99,31 @@ def place(values: torch.Tensor, where: list[tuple[int, int]], side: tuple[int, i
 
 
 @torch.no_grad()
-def maps(net, images: torch.Tensor, aux: bool, scales: list[float], patch: int
-         ) -> dict[str, torch.Tensor]:
-    """The four maps of the module docstring for one head: each (B, C, H, W), ≥ 0."""
+def maps(net, images: torch.Tensor, scales: list[float], patch: int
+         ) -> dict[str, dict[str, torch.Tensor]]:
+    """The four maps of the module docstring, per head (``final``, ``aux``): each
+    (B, C, H, W), ≥ 0. Both heads come from the same passes (``net.both_cams`` and one
+    forward of the tiles for their logits)."""
     b = images.shape[0]
     size = tuple(images.shape[-2:])
     stride = net.backbone.stride
-    fn = partial(net.cams, aux=aux)
-    out = {"image": fuse_cams(fn, images, scales, True, size, multiple=stride)}
+    out: dict[str, dict[str, torch.Tensor]] = {"final": {}, "aux": {}}
+    image_cams = fuse_cams(net.both_cams, images, scales, True, size, multiple=stride)
     tiles, where, side = tiles_of(images, patch, max(1, patch // 2))
-    cams = fuse_cams(fn, tiles, [1.0], True, side, multiple=stride)  # ReLU'd, flip by max
-    out["tile-cam"] = place(cams.unflatten(0, (b, len(where))), where, side, size, "mean")
-    tiles, where, side = tiles_of(images, patch, max(1, patch // 4))
+    tile_cams = fuse_cams(net.both_cams, tiles, [1.0], True, side, multiple=stride)  # ReLU'd
+    tiles, where4, side4 = tiles_of(images, patch, max(1, patch // 4))
     res = net(torch.cat([tiles, tiles.flip(-1)]), with_seg=False)
-    logits = (res.aux_logits if aux else res.logits).float()
     n = tiles.shape[0]
-    logits = torch.maximum(logits[:n], logits[n:]).unflatten(0, (b, len(where)))  # (B, T, C)
-    spread = logits[..., None, None].expand(*logits.shape, *side)
-    for reduce in ("mean", "min"):
-        out[f"tile-logit-{reduce}"] = F.relu(place(spread, where, side, size, reduce))
+    for head, image_cam, tile_cam, logits in zip(
+            ("final", "aux"), image_cams, tile_cams, (res.logits, res.aux_logits), strict=True):
+        out[head]["image"] = image_cam
+        out[head]["tile-cam"] = place(tile_cam.unflatten(0, (b, len(where))), where, side,
+                                      size, "mean")
+        logits = logits.float()
+        logits = torch.maximum(logits[:n], logits[n:]).unflatten(0, (b, len(where4)))  # (B,T,C)
+        spread = logits[..., None, None].expand(*logits.shape, *side4)
+        for reduce in ("mean", "min"):
+            out[head][f"tile-logit-{reduce}"] = F.relu(place(spread, where4, side4, size, reduce))
     return out
 
 
@@ -164,9 +169,8 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
         gts = [F.interpolate(torch.from_numpy(np.ascontiguousarray(data.mask(i)))[None, None]
                              .float(), size=(crop, crop), mode="nearest")[0, 0].numpy()
                for i in chunk]
-        for head in ("final", "aux"):
-            found = maps(net, images, head == "aux", params.train.cam_scales,
-                         params.train.patch_size)
+        per_head = maps(net, images, params.train.cam_scales, params.train.patch_size)
+        for head, found in per_head.items():
             for (_, c), r in agreement(found["image"], found["tile-logit-mean"], labels).items():
                 agree.setdefault((head, c), []).append(r)
             for variant, cam in found.items():

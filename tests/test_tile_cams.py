@@ -41,8 +41,8 @@ class PixelNet:
 
     backbone = SimpleNamespace(stride=1)
 
-    def cams(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor:
-        return x - 0.5
+    def both_cams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x - 0.5, x - 0.5
 
     def __call__(self, x: torch.Tensor, with_seg: bool = False):
         logits = (x - 0.5).flatten(2).max(-1).values
@@ -53,7 +53,9 @@ def test_maps_of_a_context_free_cam():
     images = torch.zeros(1, 3, 64, 64)
     images[:, 1, 24:40, 24:40] = 1.0  # class 1 fires on one square only
     images[:, 0] = torch.linspace(0, 1, 64)  # class 0: a ramp
-    out = tc.maps(PixelNet(), images, aux=False, scales=[1.0], patch=16)
+    both = tc.maps(PixelNet(), images, scales=[1.0], patch=16)
+    assert set(both) == {"final", "aux"}
+    out = both["final"]
     # tiles classified alone change nothing for a CAM that looks at each pixel alone
     torch.testing.assert_close(out["tile-cam"], out["image"])
     # a tile's logit covers the whole tile: the mean spreads class 1 beyond the square by up
