@@ -50,52 +50,11 @@ from seco_cli.data.transforms import resize_square, to_tensor  # noqa: E402
 from seco_cli.inference import load_model  # noqa: E402
 from seco_cli.metrics import ConfusionMatrix  # noqa: E402
 from seco_cli.params import load_params  # noqa: E402
+from seco_cli.tiles import pixel_agreement, place, tiles_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_OUT = "artifacts/train/model.pt"
 VARIANTS = ("image", "tile-cam", "tile-logit-mean", "tile-logit-min")
-
-
-def tile_starts(side: int, size: int, step: int) -> list[int]:
-    """Offsets of ``size`` tiles every ``step`` pixels along a side of ``side`` pixels, plus
-    one flush against the far edge when the grid falls short of it, so every pixel is
-    covered; a side no longer than a tile is one tile at 0."""
-    if side <= size:
-        return [0]
-    starts = list(range(0, side - size + 1, step))
-    if starts[-1] != side - size:
-        starts.append(side - size)
-    return starts
-
-
-def tiles_of(images: torch.Tensor, size: int, step: int
-             ) -> tuple[torch.Tensor, list[tuple[int, int]], tuple[int, int]]:
-    """(B, 3, H, W) → tiles (B·T, 3, th, tw) image-major, their (top, left) offsets, and
-    their side (th, tw) = ``size`` clipped to the image."""
-    h, w = images.shape[-2:]
-    th, tw = min(size, h), min(size, w)
-    where = [(y, x) for y in tile_starts(h, size, step) for x in tile_starts(w, size, step)]
-    crops = torch.stack([images[:, :, y:y + th, x:x + tw] for y, x in where], 1)
-    return crops.flatten(0, 1), where, (th, tw)
-
-
-def place(values: torch.Tensor, where: list[tuple[int, int]], side: tuple[int, int],
-          size: tuple[int, int], reduce: str) -> torch.Tensor:
-    """Per-tile maps (B, T, C, th, tw) back onto (B, C, H, W): each pixel the ``mean`` or the
-    ``min`` over the tiles covering it."""
-    b, _, c = values.shape[:3]
-    th, tw = side
-    if reduce == "mean":
-        out = values.new_zeros(b, c, *size)
-        cover = values.new_zeros(1, 1, *size)
-        for i, (y, x) in enumerate(where):
-            out[..., y:y + th, x:x + tw] += values[:, i]
-            cover[..., y:y + th, x:x + tw] += 1
-        return out / cover
-    out = values.new_full((b, c, *size), float("inf"))
-    for i, (y, x) in enumerate(where):
-        out[..., y:y + th, x:x + tw] = torch.minimum(out[..., y:y + th, x:x + tw], values[:, i])
-    return out
 
 
 @torch.no_grad()
@@ -196,15 +155,11 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
 def agreement(cam: torch.Tensor, tiles: torch.Tensor, labels: torch.Tensor
               ) -> dict[tuple[int, int], float]:
     """Per (image, class) of ``labels``: the Pearson correlation over pixels between the
-    image's CAM and its tile-logit map — does the whole-image CAM rise where the tiles, each
-    classified alone, find the class? (A label-free sign of an inverted head: negative.)
-    Pairs where either map is constant are left out."""
-    out = {}
-    for b, c in labels.nonzero().tolist():
-        x, y = cam[b, c].flatten().double(), tiles[b, c].flatten().double()
-        if x.std() > 0 and y.std() > 0:
-            out[b, c] = float(torch.corrcoef(torch.stack([x, y]))[0, 1])
-    return out
+    image's CAM and its tile-logit map (:func:`seco_cli.tiles.pixel_agreement`) — does the
+    whole-image CAM rise where the tiles, each classified alone, find the class? (A
+    label-free sign of an inverted head.) Pairs where either map is constant are left out."""
+    r, defined = pixel_agreement(cam, tiles)
+    return {(b, c): float(r[b, c]) for b, c in labels.nonzero().tolist() if defined[b, c]}
 
 
 def render(runs: dict[str, dict], classes: list[str], head: dict) -> str:

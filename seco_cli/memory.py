@@ -143,44 +143,74 @@ class Prototypes(nn.Module):
 
 
 class CamHeads(nn.Module):
-    """Per class, which classifier's CAM labels the training step (``train.cam_select: area``,
-    an option beyond the SPEC, README "Deviations from SPEC"): an EMA, over the images showing
-    the class, of the fraction of the valid image where each head's label-restricted
-    normalised CAM exceeds ``high``. The head with the smaller area wins: a CAM that fires on
-    everything but the object (an *inverted* CAM, which a from-scratch ViT's global max
-    pooling allows) covers most of the image, a CAM on the object only the object. Ties, and
-    classes not seen yet, go to the schedule's head. Row 0 is the auxiliary head, row 1 the
-    final one."""
+    """Per class, which CAM labels the training step (``train.cam_select``, an option beyond
+    the SPEC, README "Deviations from SPEC"), from an EMA per head and class over the images
+    showing the class:
+
+    - ``area``: the fraction of the valid image where the head's label-restricted normalised
+      CAM exceeds ``high``; the head with the *smaller* area wins. A CAM that fires on
+      everything but the object (an *inverted* CAM, which a from-scratch ViT's global max
+      pooling allows) covers most of the image, a CAM on the object only the object.
+    - ``agreement``: the correlation over the image's pixels between the head's CAM and its
+      own tiles' logits (:mod:`seco_cli.tiles`); the *larger* wins. When neither head reaches
+      ``min_agreement`` and ``fallback`` is ``tiles``, the class takes the final head's
+      tile-logit map instead (``tiles``): no CAM of that class can be trusted.
+
+    Ties, and classes not seen yet, go to the schedule's head. Row 0 of the statistic is the
+    auxiliary head, row 1 the final one; its buffer is named after the rule (``area`` or
+    ``agreement``)."""
 
     HEADS = ("aux", "final")
-    area: torch.Tensor  # (2, C) float, EMA of the covered fraction
+    TILES = "tiles"
     seen: torch.Tensor  # (C,) long, images seen per class
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, rule: str = "area", min_agreement: float = 0.3,
+                 fallback: str = "none"):
         super().__init__()
-        self.register_buffer("area", torch.zeros(2, num_classes))
+        if rule not in ("area", "agreement"):
+            raise ValueError(f"unknown CAM head rule {rule!r}")
+        self.rule, self.min_agreement, self.fallback = rule, min_agreement, fallback
+        self.register_buffer(rule, torch.zeros(2, num_classes))  # (2, C) float, the EMA
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.long))
 
+    @property
+    def stat(self) -> torch.Tensor:
+        """(2, C): the rule's EMA, row 0 auxiliary, row 1 final."""
+        return getattr(self, self.rule)
+
     @torch.no_grad()
-    def update(self, areas: torch.Tensor, labels: torch.Tensor, momentum: float) -> None:
-        """``areas`` (B, 2, C): each image's covered fraction per head and class; ``labels``
-        (B, C) multi-hot (gathered from all ranks, the same on every rank). Per class, the
-        batch mean over the images showing it is one EMA step; the first one sets the EMA."""
-        present = (labels > 0).to(self.area)  # (B, C)
+    def update(self, values: torch.Tensor, present: torch.Tensor, momentum: float) -> None:
+        """``values`` (B, 2, C): each image's statistic per head and class; ``present`` (B, C)
+        where it counts (the image's labels; gathered from all ranks, the same on every rank).
+        Per class, the batch mean over the images where it counts is one EMA step; the first
+        one sets the EMA."""
+        stat = self.stat
+        present = (present > 0).to(stat)  # (B, C)
         n = present.sum(0)  # (C,)
         has = n > 0
-        mean = (areas.to(self.area) * present[:, None]).sum(0) / n.clamp(min=1)  # (2, C)
+        mean = (values.to(stat) * present[:, None]).sum(0) / n.clamp(min=1)  # (2, C)
         first = has & (self.seen == 0)
-        ema = momentum * self.area + (1.0 - momentum) * mean
-        self.area.copy_(torch.where(first, mean, torch.where(has, ema, self.area)))
+        ema = momentum * stat + (1.0 - momentum) * mean
+        stat.copy_(torch.where(first, mean, torch.where(has, ema, stat)))
         self.seen += n.long()
 
     def use_aux(self, schedule_aux: bool) -> torch.Tensor:
         """(C,) bool: True where the class's CAM comes from the auxiliary head."""
-        aux, final = self.area
+        aux, final = self.stat
         tie = (aux == final) | (self.seen == 0)
-        return torch.where(tie, torch.full_like(tie, schedule_aux), aux < final)
+        better = aux < final if self.rule == "area" else aux > final
+        return torch.where(tie, torch.full_like(tie, schedule_aux), better)
+
+    def use_tiles(self) -> torch.Tensor:
+        """(C,) bool: True where the class takes the tile-logit map (``agreement`` with
+        fallback ``tiles``, seen, and neither head reaching ``min_agreement``)."""
+        if self.rule != "agreement" or self.fallback != self.TILES:
+            return torch.zeros_like(self.seen, dtype=torch.bool)
+        return (self.seen > 0) & (self.stat.max(0).values < self.min_agreement)
 
     def names(self, schedule_aux: bool) -> list[str]:
-        """The head of each class, ``aux`` or ``final`` (recorded in the trained model)."""
-        return [self.HEADS[0] if a else self.HEADS[1] for a in self.use_aux(schedule_aux).tolist()]
+        """The source of each class, ``aux``, ``final`` or ``tiles`` (recorded in the trained
+        model)."""
+        return [self.TILES if t else self.HEADS[0] if a else self.HEADS[1]
+                for a, t in zip(self.use_aux(schedule_aux).tolist(), self.use_tiles().tolist(),
+                                strict=True)]

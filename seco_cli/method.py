@@ -44,6 +44,7 @@ from seco_cli.tags import (
     sample_patch_boxes,
 )
 from seco_cli.teacher import EMATeacher
+from seco_cli.tiles import pixel_agreement, tile_logit_maps
 
 IGNORE = 255
 
@@ -76,7 +77,9 @@ class SeCo(nn.Module):
         self.reservoir = Reservoir(tp.reservoir_capacity, dim)
         self.prototypes = Prototypes(num_classes, dim, seed=tp.seed)
         # per-class CAM head statistics, only where selected (the SPEC's state dict otherwise)
-        self.cam_heads = CamHeads(num_classes) if tp.cam_select == "area" else None
+        self.cam_heads = (None if tp.cam_select == "schedule" else
+                          CamHeads(num_classes, tp.cam_select, tp.cam_select_min_agreement,
+                                   tp.cam_select_fallback))
 
     def _student_encoder(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.net.backbone, "proj": self.proj})
@@ -98,9 +101,11 @@ class SeCo(nn.Module):
                    valid: torch.Tensor | None = None) -> torch.Tensor:
         """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W), from
         the auxiliary head when ``aux`` (the schedule), else the final one. With
-        ``train.cam_select: area`` both heads come from one pass per scale, their covered
-        areas inside ``valid`` (B, H, W) update :class:`CamHeads`, and each class takes the
-        head it picks (``aux`` breaks ties)."""
+        ``train.cam_select`` ``area`` or ``agreement`` both heads come from one pass per
+        scale, each image's statistic of each head (covered area inside ``valid`` (B, H, W),
+        or agreement with the head's tile-logit map there) updates :class:`CamHeads`, and each
+        class takes the source it picks (``aux`` breaks ties): a head, or the final head's
+        tile-logit map (minimum over the tiles covering a pixel)."""
         tp = self.params.train
         was = self.net.training
         self.net.eval()
@@ -110,17 +115,31 @@ class SeCo(nn.Module):
             fn = self.net.both_cams
         cam = fuse_cams(fn, images, tp.cam_scales, True, images.shape[-2:],
                         multiple=self.net.backbone.stride)
+        tiles = None
+        if self.cam_heads is not None and self.cam_heads.rule == "agreement":
+            tiles = tile_logit_maps(self.net, images, tp.patch_size, tp.tile_step)
         self.net.train(was)
         if self.cam_heads is None:
             return normalise_cams(cam, labels)
         final, aux_cam = (normalise_cams(c, labels) for c in cam)
         inside = (torch.ones_like(images[:, 0]) if valid is None else valid.float())[:, None]
-        pixels = inside.sum((2, 3)).clamp(min=1)  # (B, 1)
-        areas = torch.stack([((c > tp.cam_high) * inside).sum((2, 3)) / pixels
-                             for c in (aux_cam, final)], 1)  # (B, 2, C)
-        self.cam_heads.update(*gather_cat(areas, labels), tp.cam_select_momentum)
+        if tiles is None:  # area
+            pixels = inside.sum((2, 3)).clamp(min=1)  # (B, 1)
+            values = torch.stack([((c > tp.cam_high) * inside).sum((2, 3)) / pixels
+                                  for c in (aux_cam, final)], 1)  # (B, 2, C)
+            counts = labels
+        else:
+            found = [pixel_agreement(c, tiles[h]["mean"], inside[:, 0] > 0)
+                     for c, h in ((aux_cam, "aux"), (final, "final"))]
+            values = torch.stack([r for r, _ in found], 1)  # (B, 2, C)
+            counts = labels * found[0][1] * found[1][1]  # labelled, both defined
+        self.cam_heads.update(*gather_cat(values, counts), tp.cam_select_momentum)
         use_aux = self.cam_heads.use_aux(aux)[None, :, None, None]
-        return torch.where(use_aux, aux_cam, final)
+        cam = torch.where(use_aux, aux_cam, final)
+        if tiles is not None:
+            use_tiles = self.cam_heads.use_tiles()[None, :, None, None]
+            cam = torch.where(use_tiles, normalise_cams(tiles["final"]["min"], labels), cam)
+        return cam
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor,

@@ -174,9 +174,16 @@ class TrainParams(_Section):
     cam2mask: int = Field(1500, ge=0)  # aux CAM before this iteration, final CAM after
     # which classifier's CAM each class's tags and online labels come from: `schedule` = the
     # SPEC (aux before cam2mask, final after); `area` = per class, the head whose CAM covers
-    # less of the image (an EMA with this momentum), ties to the schedule (README deviations)
-    cam_select: Literal["schedule", "area"] = "schedule"
+    # less of the image (an EMA with this momentum), ties to the schedule; `agreement` = per
+    # class, the head whose CAM correlates best with its own tiles' logits (tiles of
+    # patch_size every cam_select_tile_step pixels, 0 = half a patch), and where neither
+    # reaches cam_select_min_agreement, with fallback `tiles`, the final head's tile-logit
+    # map (README deviations)
+    cam_select: Literal["schedule", "area", "agreement"] = "schedule"
     cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)
+    cam_select_min_agreement: float = Field(0.3, ge=-1.0, le=1.0)
+    cam_select_fallback: Literal["none", "tiles"] = "tiles"
+    cam_select_tile_step: int = Field(0, ge=0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)
@@ -238,6 +245,11 @@ class TrainParams(_Section):
     # bookkeeping
     log_every: int = Field(10, ge=1)
     ckpt_every: int = Field(500, ge=1)
+
+    @property
+    def tile_step(self) -> int:
+        """Pixels between the tiles of ``cam_select: agreement`` (0 → half a patch)."""
+        return self.cam_select_tile_step or max(1, self.patch_size // 2)
 
     @model_validator(mode="after")
     def _check(self) -> TrainParams:

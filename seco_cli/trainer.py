@@ -195,9 +195,9 @@ class Trainer:
         logged.update({f"seco/{k}": v for k, v in zip(stats, values[len(terms) + 1:],
                                                         strict=True)})
         heads = self.method.cam_heads
-        if heads is not None:  # train.cam_select: area — the evidence of each class's choice
-            for head, row in zip(heads.HEADS, heads.area.tolist(), strict=True):
-                logged.update({f"cam_area/{head}/{name}": a
+        if heads is not None:  # train.cam_select: the evidence of each class's choice
+            for head, row in zip(heads.HEADS, heads.stat.tolist(), strict=True):
+                logged.update({f"cam_{heads.rule}/{head}/{name}": a
                                for name, a in zip(self.data.classes[1:], row, strict=True)})
         return logged
 
@@ -231,7 +231,10 @@ class Trainer:
         if heads is not None:  # per class, the CAM head training ended on (cams: source auto)
             schedule_aux = self.iteration <= self.params.train.cam2mask
             meta["cam_heads"] = heads.names(schedule_aux)
-            meta["cam_head_area"] = heads.area.tolist()
+            meta[f"cam_head_{heads.rule}"] = heads.stat.tolist()
+            if heads.rule == "agreement":  # the tile map of a `tiles` class (cams stage)
+                meta["cam_tiles"] = {"size": self.params.train.patch_size,
+                                     "step": self.params.train.tile_step}
         return {"model": self.net.state_dict(), "prototypes": self.method.prototypes.P.clone(),
                 "meta": meta}
 

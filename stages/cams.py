@@ -6,8 +6,10 @@ The seed CAMs are the store's root arrays (``<id>``): the final classifier's, or
 classifier's when ``cams.source`` says so (``auto``: the CAM training's online labels came from
 at its last iteration, read from the checkpoint's recorded params, see
 :func:`seco_cli.params.seed_cam_source`; recorded as the store's
-``source`` attribute; ``select``: per class the head recorded by a model trained with
-``train.cam_select: area``, listed as the store's ``cam_heads`` attribute). With ``cams.aux``
+``source`` attribute; ``select``: per class the source recorded by a model trained with
+``train.cam_select`` ``area`` or ``agreement``, listed as the store's ``cam_heads``
+attribute: a head, or ``tiles``, the final head's tile-logit map of
+:mod:`seco_cli.tiles`, its tiling recorded as ``cam_tiles``). With ``cams.aux``
 the auxiliary CAMs, made alike from the same forward pass, also go to the group ``aux``
 (``aux/<id>``). Sharded runs (``shard``) write their share of the ids into the one store.
 """
@@ -27,8 +29,10 @@ from seco_cli.params import Params, seed_cam_source
 from seco_cli.progress import Progress, Silent
 from seco_cli.shards import Shard
 from seco_cli.store import WriteBehind, open_writer
+from seco_cli.tiles import tile_logit_maps
 
 AUX = "aux"
+TILES = "tiles"  # a class whose seeds are the tile-logit map
 
 
 @torch.no_grad()
@@ -49,6 +53,12 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
                             "cams.source: final or aux, or retrain on this dataset")
         attrs["cam_heads"] = heads
         use_aux = torch.tensor([h == "aux" for h in heads], device=inf.device)[None, :, None, None]
+        use_tiles = torch.tensor([h == TILES for h in heads], device=inf.device)[None, :, None, None]
+        # a `tiles` class: the final head's tile-logit map, tiles cut as training cut them
+        tiling = inf.meta.get("cam_tiles") or {"size": params.train.patch_size,
+                                               "step": params.train.tile_step}
+        if TILES in heads:
+            attrs["cam_tiles"] = tiling
     store = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
                         groups=[AUX] if cp.aux else [])
     with WriteBehind(store) as writer:  # an image's writes overlap the next batch's forward
@@ -67,6 +77,10 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
             elif heads:
                 final, aux = fused
                 seeds = torch.where(use_aux, aux, final)
+                if TILES in heads:
+                    tiles = tile_logit_maps(inf.net, images.to(inf.device), tiling["size"],
+                                            tiling["step"])["final"]["min"]
+                    seeds = torch.where(use_tiles, tiles, seeds)
             else:
                 seeds, aux = fused if cp.aux else (fused, None)
             # root[, group aux], each (B, C, crop, crop), left on the device: each image's own

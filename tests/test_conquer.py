@@ -400,6 +400,73 @@ def test_cam_heads_pick_per_class_the_head_that_covers_less():
     assert heads.use_aux(True).tolist() == [False, True, False]
 
 
+def test_cam_heads_agreement_picks_the_agreeing_head_and_falls_back_to_tiles():
+    """train.cam_select: agreement: the head whose CAM correlates more with its tiles wins
+    (ties and unseen classes: the schedule); with fallback tiles, a seen class where neither
+    head reaches min_agreement takes the tile map; with fallback none it keeps the best head."""
+    from seco_cli.memory import CamHeads
+
+    heads = CamHeads(4, "agreement", min_agreement=0.3, fallback="tiles")
+    assert "agreement" in dict(heads.named_buffers()) and "area" not in dict(heads.named_buffers())
+    assert heads.names(True) == ["aux"] * 4 and not heads.use_tiles().any()
+    # class 0: aux agrees, final inverted; class 1: final agrees; class 2: neither; 3 unseen
+    r = torch.tensor([[[0.5, -0.3, 0.1, 0.0], [-0.4, 0.5, 0.05, 0.0]]])  # (B, 2 heads, C)
+    heads.update(r, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), momentum=0.9)
+    assert heads.use_aux(False).tolist() == [True, False, True, False]
+    assert heads.use_tiles().tolist() == [False, False, True, False]
+    assert heads.names(False) == ["aux", "final", "tiles", "final"]
+    assert heads.names(True) == ["aux", "final", "tiles", "aux"]
+    keep = CamHeads(4, "agreement", min_agreement=0.3, fallback="none")
+    keep.update(r, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), momentum=0.9)
+    assert keep.names(False) == ["aux", "final", "aux", "final"]
+    # the area rule never falls back, whatever its numbers
+    area = CamHeads(4, "area", min_agreement=0.3, fallback="tiles")
+    area.update(r.abs(), torch.ones(1, 4), momentum=0.9)
+    assert not area.use_tiles().any()
+    with pytest.raises(ValueError, match="unknown CAM head rule"):
+        CamHeads(4, "size")
+
+
+@pytest.mark.parametrize("floor,fallback", [(-1.0, "tiles"), (1.0, "tiles"), (1.0, "none")])
+def test_online_cam_with_agreement_selection(floor, fallback):
+    """Both heads' CAMs and the tile-logit maps from the same images: the statistic is each
+    head's pixel agreement with its own tile map, each class takes the head it picks, and a
+    class under the floor (1.0: every seen class) takes the final head's tile-min map."""
+    from seco_cli.cams import fuse_cams, normalise_cams
+    from seco_cli.method import SeCo
+    from seco_cli.tiles import pixel_agreement, tile_logit_maps
+    from tests.conftest import tiny_params
+
+    torch.manual_seed(0)
+    p = tiny_params("train.cam_select=agreement", f"train.cam_select_min_agreement={floor}",
+                    f"train.cam_select_fallback={fallback}", "train.patch_size=16")
+    method = SeCo(p, 6)
+    method.eval()
+    images = torch.randn(2, 3, 48, 48)
+    labels = torch.tensor([[1.0, 1, 0, 0, 1, 0], [0, 1, 1, 0, 0, 0]])
+    valid = torch.ones(2, 48, 48, dtype=torch.bool)
+    valid[1, :, 40:] = False
+    cam = method.online_cam(images, labels, aux=True, valid=valid)
+    final, aux = (normalise_cams(c, labels) for c in fuse_cams(
+        method.net.both_cams, images, p.train.cam_scales, True, (48, 48), 8))
+    tiles = tile_logit_maps(method.net, images, 16, 8)
+    r_aux, d_aux = pixel_agreement(aux, tiles["aux"]["mean"], valid)
+    r_final, d_final = pixel_agreement(final, tiles["final"]["mean"], valid)
+    counted = labels.bool() & d_aux & d_final
+    assert method.cam_heads.seen.tolist() == counted.sum(0).tolist()
+    for c in range(6):  # the first sighting: the mean over the images where it counts
+        if counted[:, c].any():
+            want = torch.stack([r_aux[counted[:, c], c].mean(), r_final[counted[:, c], c].mean()])
+            assert torch.allclose(method.cam_heads.agreement[:, c], want, atol=1e-5)
+    use_aux, use_tiles = method.cam_heads.use_aux(True), method.cam_heads.use_tiles()
+    assert use_tiles.any() == (floor == 1.0 and fallback == "tiles")
+    tile_cam = normalise_cams(tiles["final"]["min"], labels)
+    for c in range(6):
+        want = tile_cam if use_tiles[c] else aux if use_aux[c] else final
+        assert torch.allclose(cam[:, c], want[:, c], atol=1e-6), c
+    assert method.training is False  # the mode the caller set is kept
+
+
 def test_online_cam_with_area_selection_takes_each_class_from_the_chosen_head():
     from seco_cli.cams import fuse_cams, normalise_cams
     from seco_cli.method import SeCo

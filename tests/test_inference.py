@@ -492,6 +492,53 @@ def test_cams_source_select_takes_each_class_from_the_head_the_model_recorded(ca
     assert not (tmp_path / "bad.zarr").exists()
 
 
+def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tmp_path,
+                                                                        monkeypatch):
+    """A model trained with train.cam_select: agreement may record `tiles` for a class no head
+    agrees on: its seeds are the final head's tile-min map, cut with the tiling the model
+    recorded; the other classes keep their heads' CAMs."""
+    import stages.cams as stage_mod
+    from seco_cli.tiles import tile_logit_maps
+
+    ckpt = torch.load(case["model"], weights_only=True)
+    n = ckpt["meta"]["num_classes"]
+    heads = ["tiles" if c % 2 else "final" for c in range(n)]
+    model = tmp_path / "tiles.pt"
+    tiling = {"size": 16, "step": 8}
+    torch.save({**ckpt, "meta": {**ckpt["meta"], "cam_heads": heads, "cam_tiles": tiling}}, model)
+    calls = []
+
+    def ramp_maps(net, images, size, step):  # the real maps, then a known one in their place
+        calls.append((size, step))
+        real = tile_logit_maps(net, images, size, step)
+        assert real["final"]["min"].shape == (images.shape[0], n, *images.shape[-2:])
+        ramp = torch.linspace(0, 1, images.shape[-1], device=images.device)
+        return {"final": {"min": ramp.expand_as(real["final"]["min"]).clone()}}
+
+    monkeypatch.setattr(stage_mod, "tile_logit_maps", ramp_maps)
+
+    def run(out: Path, m: Path, *extra: str) -> StoreReader:
+        cams_stage.run(tiny_params("cams.store_size=24", *extra), case["prepared"], m, out)
+        return StoreReader(out, "cams")
+
+    select = run(tmp_path / "select.zarr", model)
+    final = run(tmp_path / "final.zarr", model, "cams.source=final")
+    assert calls and set(calls) == {(16, 8)}
+    assert select.attrs["cam_heads"] == heads and select.attrs["cam_tiles"] == tiling
+    taken = {"final": 0, "tiles": 0}
+    for image_id in select.ids():
+        seeds, attrs = select.read_with_attrs(image_id)
+        for k, c in enumerate(attrs["labels"]):
+            if heads[c - 1] == "final":
+                assert np.array_equal(seeds[k], final.read(image_id)[k])
+            else:  # the ramp, normalised and resized: rising left to right, 0 to 1
+                row = seeds[k].astype(np.float64).mean(0)
+                assert np.all(np.diff(row) >= -1e-6) and row[0] < 0.1 and row[-1] > 0.9
+                assert np.allclose(seeds[k], seeds[k][:1], atol=1 / 255)  # every row alike
+            taken[heads[c - 1]] += 1
+    assert taken["final"] > 0 and taken["tiles"] > 0
+
+
 def _prefetch_threads() -> int:
     return sum(t.name == "seco-prefetch" for t in threading.enumerate())
 

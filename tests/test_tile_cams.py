@@ -1,5 +1,5 @@
-"""bench/tile_cams.py: tiling covers every pixel once placed back, and a CAM that only looks at
-each pixel comes back unchanged from tiles classified alone."""
+"""bench/tile_cams.py: a CAM that only looks at each pixel comes back unchanged from tiles
+classified alone (the tiling itself: tests/test_tiles.py)."""
 
 from __future__ import annotations
 
@@ -13,26 +13,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import tile_cams as tc  # noqa: E402
-
-
-@pytest.mark.parametrize("side,size,step,expected", [
-    (96, 32, 16, [0, 16, 32, 48, 64]),
-    (100, 32, 16, [0, 16, 32, 48, 64, 68]),  # the far edge gets a flush tile
-    (32, 32, 8, [0]),
-    (20, 32, 8, [0]),  # shorter than a tile: one tile, the whole side
-])
-def test_tile_starts(side, size, step, expected):
-    assert tc.tile_starts(side, size, step) == expected
-
-
-@pytest.mark.parametrize("reduce", ["mean", "min"])
-@pytest.mark.parametrize("hw", [(96, 96), (70, 100), (20, 50)])
-def test_tiles_placed_back_rebuild_the_image(reduce, hw):
-    images = torch.rand(2, 3, *hw)
-    tiles, where, side = tc.tiles_of(images, 32, 12)
-    assert tiles.shape == (2 * len(where), 3, *side)
-    back = tc.place(tiles.unflatten(0, (2, len(where))), where, side, hw, reduce)
-    torch.testing.assert_close(back, images)
 
 
 class PixelNet:

@@ -79,7 +79,7 @@ def _meta(p: Params, data: PreparedDataset) -> dict:
 
 
 @pytest.mark.parametrize("preset,select", [("baseline", "schedule"), ("seco", "schedule"),
-                                           ("seco", "area")])
+                                           ("seco", "area"), ("baseline", "agreement")])
 def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str, select: str,
                                      monkeypatch: pytest.MonkeyPatch):
     tiny = tiny_params(f"train.preset={preset}", f"train.cam_select={select}")
@@ -111,21 +111,25 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
     for name, a in a_state.items():
         assert torch.equal(a, b_state[name]), name
     # the per-class CAM head statistics are state too, and the trained model records the heads
-    assert any(k.startswith("cam_heads.") for k in a_state) == (select == "area")
+    selects = select != "schedule"
+    assert any(k.startswith("cam_heads.") for k in a_state) == selects
     meta = resumed.final()["meta"]
-    if select == "area":
+    if selects:
         assert int(resumed.method.cam_heads.seen.sum()) > 0
         assert len(meta["cam_heads"]) == data.num_classes
-        assert set(meta["cam_heads"]) <= {"aux", "final"}
+        assert set(meta["cam_heads"]) <= {"aux", "final", "tiles"}
+        assert len(meta[f"cam_head_{select}"]) == 2
     else:
         assert "cam_heads" not in meta
-    # the live log holds each head's covered-area EMA per class, with area selection only
-    areas = {k: v for k, v in logs[-1].items() if k.startswith("cam_area/")}
+    assert ("cam_tiles" in meta) == (select == "agreement")
+    # the live log holds each head's EMA per class (area or agreement), with selection only
+    stats = {k: v for k, v in logs[-1].items() if k.startswith("cam_")}
     names = data.classes[1:]
-    want = {f"cam_area/{h}/{n}" for h in ("aux", "final") for n in names}
-    assert set(areas) == (want if select == "area" else set())
-    assert all(0.0 <= v <= 1.0 for v in areas.values())
-    assert select != "area" or any(v > 0 for v in areas.values())
+    want = {f"cam_{select}/{h}/{n}" for h in ("aux", "final") for n in names}
+    assert set(stats) == (want if selects else set())
+    low = 0.0 if select == "area" else -1.0
+    assert all(low <= v <= 1.0 for v in stats.values())
+    assert not selects or any(v != 0 for v in stats.values())
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,

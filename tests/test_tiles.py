@@ -1,0 +1,88 @@
+"""seco_cli.tiles: tiling covers every pixel once placed back, tile logits spread where their
+tiles lie, and the agreement is the Pearson correlation over the valid pixels."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from seco_cli.tiles import pixel_agreement, place, tile_logit_maps, tile_starts, tiles_of
+
+
+@pytest.mark.parametrize("side,size,step,expected", [
+    (96, 32, 16, [0, 16, 32, 48, 64]),
+    (100, 32, 16, [0, 16, 32, 48, 64, 68]),  # the far edge gets a flush tile
+    (96, 32, 32, [0, 32, 64]),  # a grid that fits: no extra tile
+    (32, 32, 8, [0]),
+    (20, 32, 8, [0]),  # shorter than a tile: one tile, the whole side
+])
+def test_tile_starts(side, size, step, expected):
+    assert tile_starts(side, size, step) == expected
+
+
+@pytest.mark.parametrize("reduce", ["mean", "min"])
+@pytest.mark.parametrize("hw", [(96, 96), (70, 100), (20, 50)])
+def test_tiles_placed_back_rebuild_the_image(reduce, hw):
+    images = torch.rand(2, 3, *hw)
+    tiles, where, side = tiles_of(images, 32, 12)
+    assert tiles.shape == (2 * len(where), 3, *side)
+    back = place(tiles.unflatten(0, (2, len(where))), where, side, hw, reduce)
+    torch.testing.assert_close(back, images)
+
+
+class MeanNet:
+    """A stand-in network: a tile's logit of class c is the mean of channel c over the tile
+    (final head), and minus that (auxiliary head)."""
+
+    def __call__(self, x: torch.Tensor, with_seg: bool = True) -> SimpleNamespace:
+        assert not with_seg
+        m = x.mean((2, 3))
+        return SimpleNamespace(logits=m, aux_logits=-m)
+
+
+def test_tile_logit_maps_spread_each_tile_logit_over_its_pixels():
+    img = torch.zeros(1, 3, 8, 8)
+    img[0, 0, :4, :4] = 4.0  # class 0 lives in the top-left quarter
+    img[0, 1] = torch.arange(8.0).repeat(8, 1)  # class 1 rises to the right
+    maps = tile_logit_maps(MeanNet(), img, 4, 2)  # 3 × 3 tiles of 4 px every 2 px
+    mean, low = maps["final"]["mean"], maps["final"]["min"]
+    assert mean.shape == low.shape == (1, 3, 8, 8)
+    # the top-left pixel: one tile, all class 0 → 4; pixel (3, 3): four tiles holding the
+    # whole, half, half and a quarter of the class → 4, 2, 2, 1
+    assert mean[0, 0, 0, 0] == pytest.approx(4.0) and low[0, 0, 0, 0] == pytest.approx(4.0)
+    assert mean[0, 0, 3, 3] == pytest.approx((4 + 2 + 2 + 1) / 4)
+    assert low[0, 0, 3, 3] == pytest.approx(1.0)
+    assert mean[0, 0, 7, 7] == pytest.approx(0.0)  # one tile, no class 0
+    # class 1 at column 0 is the left tiles' mean 1.5, at column 7 the right tiles' 5.5
+    assert mean[0, 1, 0, 0] == pytest.approx(1.5) and mean[0, 1, 0, 7] == pytest.approx(5.5)
+    # the auxiliary head's logits are negative: ReLU'd to nothing
+    assert maps["aux"]["mean"].abs().max() == 0 and maps["aux"]["min"].abs().max() == 0
+
+
+def test_pixel_agreement_is_the_correlation_over_the_valid_pixels():
+    torch.manual_seed(0)
+    cam, ref = torch.rand(2, 3, 6, 5), torch.rand(2, 3, 6, 5)
+    valid = torch.rand(2, 6, 5) > 0.3
+    ref[1, 2] = 0.7  # constant: undefined
+    cam[0, 1] = ref[0, 1] * 2 + 1  # a rising copy: +1
+    r, defined = pixel_agreement(cam, ref, valid)
+    assert r.shape == defined.shape == (2, 3)
+    assert defined.tolist() == [[True, True, True], [True, True, False]]
+    assert r[1, 2] == 0 and r[0, 1] == pytest.approx(1.0)
+    for b in range(2):
+        for c in range(2):
+            x, y = cam[b, c][valid[b]], ref[b, c][valid[b]]
+            want = torch.corrcoef(torch.stack([x, y]).double())[0, 1]
+            assert r[b, c] == pytest.approx(float(want), abs=1e-6)
+    # without a mask every pixel counts; outside the mask nothing does
+    r_all, _ = pixel_agreement(cam, ref)
+    x, y = cam[0, 0].flatten(), ref[0, 0].flatten()
+    assert r_all[0, 0] == pytest.approx(float(torch.corrcoef(torch.stack([x, y]).double())[0, 1]),
+                                        abs=1e-6)
+    wild = cam.clone()
+    wild[~valid[:, None].expand_as(cam)] = 1e3
+    assert torch.allclose(pixel_agreement(wild, ref, valid)[0], r, atol=1e-6)
+    # a map mirrored on the valid pixels: −1
+    assert pixel_agreement(1 - ref, ref, valid)[0][0, 0] == pytest.approx(-1.0)
