@@ -27,7 +27,8 @@ from tests.conftest import ROOT, tiny_params
 
 # TINY: 4 images × (4 patches + 2 global views) = 24 keys per rank and step; L_iL from
 # iteration 2 → 4 steps × 2 ranks × 24 = 192 keys, exactly one full reservoir
-RUN = ("train.preset=seco", "train.reservoir_capacity=192", "train.cam_select=area")
+# cam_select agreement: the tile forward and the per-class statistics gathered over the ranks
+RUN = ("train.preset=seco", "train.reservoir_capacity=192", "train.cam_select=agreement")
 KEYS_PER_RANK = 24
 TERMS = ("cls", "aux", "seg", "reg", "ptc", "lig", "lil")
 
@@ -160,15 +161,16 @@ def test_two_process_gloo_training(tmp_path: Path, prepared: Path):
                       p.train.prototype_update, p.train.tau_g)
     assert torch.allclose(protos.P, state["prototypes.P"], atol=1e-6)
 
-    # the per-class CAM head statistics = the update over both ranks' areas, step by step
-    heads = CamHeads(state["cam_heads.area"].shape[1])
+    # the per-class CAM head statistics = the update over both ranks' agreements, step by step
+    heads = CamHeads(state["cam_heads.agreement"].shape[1], "agreement")
     got = [r["gathers"]["heads"] for r in (r0, r1)]
     assert len(got[0]) == len(got[1]) > 0
     for s in range(len(got[0])):
         heads.update(torch.cat([got[0][s][0], got[1][s][0]]),
                      torch.cat([got[0][s][1], got[1][s][1]]), p.train.cam_select_momentum)
     assert torch.equal(heads.seen, state["cam_heads.seen"])
-    assert torch.allclose(heads.area, state["cam_heads.area"], atol=1e-6)
+    assert torch.allclose(heads.agreement, state["cam_heads.agreement"], atol=1e-6)
+    assert heads.agreement.abs().sum() > 0
 
     # parameters no term used keep grad None under DDP (AdamW skips them, as in one process)
     assert r0["none_grads"] == r1["none_grads"]
@@ -216,7 +218,7 @@ def _worker(prepared: Path, out: Path) -> None:
     real_gather = method_mod.gather_cat
 
     def gather(*tensors):
-        # (keys, tags) | (CAM head areas (B, 2, C), labels) | (z, labels)
+        # (keys, tags) | (CAM head agreements (B, 2, C), counted) | (z, labels)
         kind = ("enqueue" if tensors[1].ndim == 1 else
                 "heads" if tensors[0].ndim == 3 else "prototypes")
         rec["gathers"][kind].append([t.detach().clone() for t in tensors])
