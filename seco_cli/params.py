@@ -294,7 +294,7 @@ class CamsParams(_Section):
     flip: bool = True
     # the seed CAM (store root): auto = the CAM training's online labels came from at its end
     # (aux when train.cam2mask >= train.iterations, else final; SPEC §3.2, §8; with
-    # train.cam_select: area, per class the head the checkpoint recorded)
+    # train.cam_select area or agreement, per class the source the checkpoint recorded)
     source: Literal["auto", "final", "aux"] = "auto"
     aux: bool = False  # also store the auxiliary CAMs (group `aux` of the store)
     store_size: int = Field(0, ge=0)  # longest stored side in pixels; 0 = original size
@@ -311,8 +311,8 @@ class CamsParams(_Section):
 def seed_cam_source(params: Params, meta: dict[str, Any] | None = None) -> str:
     """``final``, ``aux`` or ``select``: the CAM the cams stage stores as seeds
     (``cams.source``; ``auto`` follows training, whose online CAM is the auxiliary one until
-    ``train.cam2mask``, or per class the head recorded as ``meta["cam_heads"]`` when it
-    trained with ``train.cam_select: area`` — ``select``).
+    ``train.cam2mask``, or per class the source recorded as ``meta["cam_heads"]`` when it
+    trained with ``train.cam_select`` ``area`` or ``agreement`` — ``select``).
 
     ``meta`` is a checkpoint's ``meta`` record; for ``auto`` the ``train`` params it recorded
     decide, so the seeds follow how the model *was* trained whatever the current params say.
