@@ -50,7 +50,7 @@ from seco_cli.data.transforms import resize_square, to_tensor  # noqa: E402
 from seco_cli.inference import load_model  # noqa: E402
 from seco_cli.metrics import ConfusionMatrix  # noqa: E402
 from seco_cli.params import load_params  # noqa: E402
-from seco_cli.tiles import pixel_agreement, place, tiles_of  # noqa: E402
+from seco_cli.tiles import pixel_agreement, place, spread_logits, tiles_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_OUT = "artifacts/train/model.pt"
@@ -80,9 +80,8 @@ def maps(net, images: torch.Tensor, scales: list[float], patch: int
                                       size, "mean")
         logits = logits.float()
         logits = torch.maximum(logits[:n], logits[n:]).unflatten(0, (b, len(where4)))  # (B,T,C)
-        spread = logits[..., None, None].expand(*logits.shape, *side4)
         for reduce in ("mean", "min"):
-            out[head][f"tile-logit-{reduce}"] = F.relu(place(spread, where4, side4, size, reduce))
+            out[head][f"tile-logit-{reduce}"] = spread_logits(logits, where4, side4, size, reduce)
     return out
 
 

@@ -44,7 +44,7 @@ from seco_cli.tags import (
     sample_patch_boxes,
 )
 from seco_cli.teacher import EMATeacher
-from seco_cli.tiles import pixel_agreement, tile_logit_maps
+from seco_cli.tiles import classify_tiles, pixel_agreement
 
 IGNORE = 255
 
@@ -117,19 +117,19 @@ class SeCo(nn.Module):
                         multiple=self.net.backbone.stride)
         tiles = None
         if self.cam_heads is not None and self.cam_heads.rule == "agreement":
-            tiles = tile_logit_maps(self.net, images, tp.patch_size, tp.tile_step)
+            tiles = classify_tiles(self.net, images, tp.patch_size, tp.tile_step)
         self.net.train(was)
         if self.cam_heads is None:
             return normalise_cams(cam, labels)
         final, aux_cam = (normalise_cams(c, labels) for c in cam)
-        inside = (torch.ones_like(images[:, 0]) if valid is None else valid.float())[:, None]
         if tiles is None:  # area
+            inside = (torch.ones_like(images[:, 0]) if valid is None else valid.float())[:, None]
             pixels = inside.sum((2, 3)).clamp(min=1)  # (B, 1)
             values = torch.stack([((c > tp.cam_high) * inside).sum((2, 3)) / pixels
                                   for c in (aux_cam, final)], 1)  # (B, 2, C)
             counts = labels
         else:
-            found = [pixel_agreement(c, tiles[h]["mean"], inside[:, 0] > 0)
+            found = [pixel_agreement(c, tiles.map(h, "mean"), valid)
                      for c, h in ((aux_cam, "aux"), (final, "final"))]
             values = torch.stack([r for r, _ in found], 1)  # (B, 2, C)
             counts = labels * found[0][1] * found[1][1]  # labelled, both defined
@@ -138,7 +138,7 @@ class SeCo(nn.Module):
         cam = torch.where(use_aux, aux_cam, final)
         if tiles is not None:
             use_tiles = self.cam_heads.use_tiles()[None, :, None, None]
-            cam = torch.where(use_tiles, normalise_cams(tiles["final"]["min"], labels), cam)
+            cam = torch.where(use_tiles, normalise_cams(tiles.map("final", "min"), labels), cam)
         return cam
 
     @torch.no_grad()

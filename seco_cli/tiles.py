@@ -12,6 +12,8 @@ the whole-image CAM: a head whose CAM rises where its tiles find the class *agre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -68,22 +70,32 @@ def spread_logits(logits: torch.Tensor, where: list[tuple[int, int]], side: tupl
     return F.relu(place(spread, where, side, size, reduce))
 
 
+@dataclass
+class TileLogits:
+    """Both heads' logits of every tile of a batch classified alone, and where the tiles lie:
+    :meth:`map` spreads one head's logits over the pixels only when a caller asks for it."""
+
+    logits: dict[str, torch.Tensor]  # head (``final``, ``aux``) → (B, T, C) float32
+    where: list[tuple[int, int]]
+    side: tuple[int, int]
+    size: tuple[int, int]
+
+    def map(self, head: str, reduce: str) -> torch.Tensor:
+        """(B, C, H, W), ≥ 0: the head's tile logits spread over the pixels, a pixel taking
+        the ``mean`` or the ``min`` over the tiles that cover it."""
+        return spread_logits(self.logits[head], self.where, self.side, self.size, reduce)
+
+
 @torch.no_grad()
-def tile_logit_maps(net: SeCoNet, images: torch.Tensor, size: int, step: int
-                    ) -> dict[str, dict[str, torch.Tensor]]:
+def classify_tiles(net: SeCoNet, images: torch.Tensor, size: int, step: int) -> TileLogits:
     """One forward of every ``size`` tile (every ``step`` pixels, the far edges covered) of
-    ``images`` (B, 3, H, W), alone: per head (``final``, ``aux``) the tile logits spread over
-    the pixels, a pixel taking the ``mean`` or the ``min`` over the tiles that cover it —
-    each (B, C, H, W), float32, ≥ 0."""
+    ``images`` (B, 3, H, W), each alone: both heads' image logits per tile."""
     b = images.shape[0]
     tiles, where, side = tiles_of(images, size, step)
     out = net(tiles, with_seg=False)
-    hw = tuple(images.shape[-2:])
-    maps: dict[str, dict[str, torch.Tensor]] = {}
-    for head, logits in (("final", out.logits), ("aux", out.aux_logits)):
-        logits = logits.float().unflatten(0, (b, len(where)))
-        maps[head] = {r: spread_logits(logits, where, side, hw, r) for r in ("mean", "min")}
-    return maps
+    logits = {head: x.float().unflatten(0, (b, len(where)))
+              for head, x in (("final", out.logits), ("aux", out.aux_logits))}
+    return TileLogits(logits, where, side, tuple(images.shape[-2:]))
 
 
 def pixel_agreement(cam: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor | None = None

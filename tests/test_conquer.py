@@ -434,7 +434,7 @@ def test_online_cam_with_agreement_selection(floor, fallback):
     class under the floor (1.0: every seen class) takes the final head's tile-min map."""
     from seco_cli.cams import fuse_cams, normalise_cams
     from seco_cli.method import SeCo
-    from seco_cli.tiles import pixel_agreement, tile_logit_maps
+    from seco_cli.tiles import classify_tiles, pixel_agreement
     from tests.conftest import tiny_params
 
     torch.manual_seed(0)
@@ -449,9 +449,9 @@ def test_online_cam_with_agreement_selection(floor, fallback):
     cam = method.online_cam(images, labels, aux=True, valid=valid)
     final, aux = (normalise_cams(c, labels) for c in fuse_cams(
         method.net.both_cams, images, p.train.cam_scales, True, (48, 48), 8))
-    tiles = tile_logit_maps(method.net, images, 16, 8)
-    r_aux, d_aux = pixel_agreement(aux, tiles["aux"]["mean"], valid)
-    r_final, d_final = pixel_agreement(final, tiles["final"]["mean"], valid)
+    tiles = classify_tiles(method.net, images, 16, 8)
+    r_aux, d_aux = pixel_agreement(aux, tiles.map("aux", "mean"), valid)
+    r_final, d_final = pixel_agreement(final, tiles.map("final", "mean"), valid)
     counted = labels.bool() & d_aux & d_final
     assert method.cam_heads.seen.tolist() == counted.sum(0).tolist()
     for c in range(6):  # the first sighting: the mean over the images where it counts
@@ -460,7 +460,7 @@ def test_online_cam_with_agreement_selection(floor, fallback):
             assert torch.allclose(method.cam_heads.agreement[:, c], want, atol=1e-5)
     use_aux, use_tiles = method.cam_heads.use_aux(True), method.cam_heads.use_tiles()
     assert use_tiles.any() == (floor == 1.0 and fallback == "tiles")
-    tile_cam = normalise_cams(tiles["final"]["min"], labels)
+    tile_cam = normalise_cams(tiles.map("final", "min"), labels)
     for c in range(6):
         want = tile_cam if use_tiles[c] else aux if use_aux[c] else final
         assert torch.allclose(cam[:, c], want[:, c], atol=1e-6), c

@@ -498,7 +498,7 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
     agrees on: its seeds are the final head's tile-min map, cut with the tiling the model
     recorded; the other classes keep their heads' CAMs."""
     import stages.cams as stage_mod
-    from seco_cli.tiles import tile_logit_maps
+    from seco_cli.tiles import classify_tiles
 
     ckpt = torch.load(case["model"], weights_only=True)
     n = ckpt["meta"]["num_classes"]
@@ -508,14 +508,22 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
     torch.save({**ckpt, "meta": {**ckpt["meta"], "cam_heads": heads, "cam_tiles": tiling}}, model)
     calls = []
 
-    def ramp_maps(net, images, size, step):  # the real maps, then a known one in their place
-        calls.append((size, step))
-        real = tile_logit_maps(net, images, size, step)
-        assert real["final"]["min"].shape == (images.shape[0], n, *images.shape[-2:])
-        ramp = torch.linspace(0, 1, images.shape[-1], device=images.device)
-        return {"final": {"min": ramp.expand_as(real["final"]["min"]).clone()}}
+    class Ramp:  # the real tile logits, then a known map in place of their spread
+        def __init__(self, real):
+            self.real = real
 
-    monkeypatch.setattr(stage_mod, "tile_logit_maps", ramp_maps)
+        def map(self, head, reduce):
+            assert (head, reduce) == ("final", "min")
+            found = self.real.map(head, reduce)
+            assert found.shape == (self.real.logits[head].shape[0], n, *self.real.size)
+            ramp = torch.linspace(0, 1, self.real.size[-1], device=found.device)
+            return ramp.expand_as(found).clone()
+
+    def ramp_tiles(net, images, size, step):
+        calls.append((size, step))
+        return Ramp(classify_tiles(net, images, size, step))
+
+    monkeypatch.setattr(stage_mod, "classify_tiles", ramp_tiles)
 
     def run(out: Path, m: Path, *extra: str) -> StoreReader:
         cams_stage.run(tiny_params("cams.store_size=24", *extra), case["prepared"], m, out)

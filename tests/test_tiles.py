@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from seco_cli.tiles import pixel_agreement, place, tile_logit_maps, tile_starts, tiles_of
+from seco_cli.tiles import classify_tiles, pixel_agreement, place, tile_starts, tiles_of
 
 
 @pytest.mark.parametrize("side,size,step,expected", [
@@ -42,12 +42,13 @@ class MeanNet:
         return SimpleNamespace(logits=m, aux_logits=-m)
 
 
-def test_tile_logit_maps_spread_each_tile_logit_over_its_pixels():
+def test_tile_logits_spread_each_tile_logit_over_its_pixels():
     img = torch.zeros(1, 3, 8, 8)
     img[0, 0, :4, :4] = 4.0  # class 0 lives in the top-left quarter
     img[0, 1] = torch.arange(8.0).repeat(8, 1)  # class 1 rises to the right
-    maps = tile_logit_maps(MeanNet(), img, 4, 2)  # 3 × 3 tiles of 4 px every 2 px
-    mean, low = maps["final"]["mean"], maps["final"]["min"]
+    tiles = classify_tiles(MeanNet(), img, 4, 2)  # 3 × 3 tiles of 4 px every 2 px
+    assert tiles.logits["final"].shape == (1, 9, 3)
+    mean, low = tiles.map("final", "mean"), tiles.map("final", "min")
     assert mean.shape == low.shape == (1, 3, 8, 8)
     # the top-left pixel: one tile, all class 0 → 4; pixel (3, 3): four tiles holding the
     # whole, half, half and a quarter of the class → 4, 2, 2, 1
@@ -58,7 +59,7 @@ def test_tile_logit_maps_spread_each_tile_logit_over_its_pixels():
     # class 1 at column 0 is the left tiles' mean 1.5, at column 7 the right tiles' 5.5
     assert mean[0, 1, 0, 0] == pytest.approx(1.5) and mean[0, 1, 0, 7] == pytest.approx(5.5)
     # the auxiliary head's logits are negative: ReLU'd to nothing
-    assert maps["aux"]["mean"].abs().max() == 0 and maps["aux"]["min"].abs().max() == 0
+    assert tiles.map("aux", "mean").abs().max() == 0 and tiles.map("aux", "min").abs().max() == 0
 
 
 def test_pixel_agreement_is_the_correlation_over_the_valid_pixels():
