@@ -267,6 +267,10 @@ class TrainParams(_Section):
             raise ValueError(f"train.key_jitter hue ({self.key_jitter[3]}) must be <= 0.5")
         if self.ptc_low > self.ptc_high:
             raise ValueError(f"train.ptc_low ({self.ptc_low}) must be <= train.ptc_high ({self.ptc_high})")
+        if self.cam_select_tile_step > self.patch_size:  # a gap between tiles: pixels no tile covers
+            raise ValueError(
+                f"train.cam_select_tile_step ({self.cam_select_tile_step}) must be <= "
+                f"train.patch_size ({self.patch_size}), or 0 for half a patch")
         per_step = self.batch_size * (self.num_patches + 2)  # patches + 2 global views per image
         if self.reservoir_capacity % per_step:
             raise ValueError(

@@ -54,6 +54,10 @@ def test_override_types_are_parsed():
         ("train.preset=nosuch", "'train.preset'"),
         ("cams.dtype=float32", "'cams.dtype'"),
         ("train.ptc_low=0.9", "train.ptc_low (0.9) must be <= train.ptc_high"),
+        ("train.cam_select=size", "'train.cam_select'"),
+        ("train.cam_select_fallback=some", "'train.cam_select_fallback'"),
+        ("train.cam_select_min_agreement=1.5", "'train.cam_select_min_agreement'"),
+        ("train.cam_select_tile_step=48", "train.cam_select_tile_step (48) must be <= train.patch_size"),
     ],
 )
 def test_bad_params_name_the_key(override: str, needle: str):
