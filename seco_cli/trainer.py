@@ -172,9 +172,14 @@ class Trainer:
                                    self.autocast)
         total = sum(getattr(w, k) * v for k, v in terms.items())
         # one read of the device for the finiteness check and everything logged (each read
-        # makes the CPU wait for the GPU); float64 keeps every value as float() gave it
-        values = torch.stack([v.detach().double() for v in (*terms.values(), total,
-                                                            *stats.values())]).tolist()
+        # makes the CPU wait for the GPU), train.cam_select's per-class statistic included;
+        # float64 keeps every value as float() gave it
+        heads = self.method.cam_heads
+        head_stat = heads.stat.detach().double().flatten() if heads is not None else None
+        scalars = torch.stack([v.detach().double() for v in (*terms.values(), total,
+                                                             *stats.values())])
+        values = (scalars if head_stat is None else torch.cat([scalars, head_stat])).tolist()
+        values, head_values = values[:len(scalars)], values[len(scalars):]
         term_values = dict(zip(terms, values, strict=False))
         bad = [name for name, value in term_values.items() if not math.isfinite(value)]
         if distributed.any_rank(bool(bad)):  # every rank stops, none waits in backward
@@ -194,11 +199,12 @@ class Trainer:
         logged["lr"] = self.optimizer.param_groups[0]["lr"]
         logged.update({f"seco/{k}": v for k, v in zip(stats, values[len(terms) + 1:],
                                                         strict=True)})
-        heads = self.method.cam_heads
         if heads is not None:  # train.cam_select: the evidence of each class's choice
-            for head, row in zip(heads.HEADS, heads.stat.tolist(), strict=True):
+            names = self.data.classes[1:]
+            for h, head in enumerate(heads.HEADS):
+                row = head_values[h * len(names):(h + 1) * len(names)]
                 logged.update({f"cam_{heads.rule}/{head}/{name}": a
-                               for name, a in zip(self.data.classes[1:], row, strict=True)})
+                               for name, a in zip(names, row, strict=True)})
         return logged
 
     # ------------------------------------------------------------------ state

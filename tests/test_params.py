@@ -21,6 +21,10 @@ def test_recipes_validate(recipe: Path):
     p = load_params(recipe)
     assert p.model.backbone == "vit_base_patch16_224.orig_in21k_ft_in1k"
     assert p.model.crop_size == 448
+    # the paper's recipes keep the SPEC's CAM schedule; the from-scratch default profile
+    # selects per class by agreement with the tiles (README, "Deviations from SPEC")
+    assert p.train.cam_select == "schedule"
+    assert load_params(ROOT / "params.yaml").train.cam_select == "agreement"
 
 
 def test_override_types_are_parsed():
