@@ -4,7 +4,8 @@ Every part is its own function returning table rows (measured, reference, ratio,
 met / not met); a part that fails reports its error in its row and the others still run:
 
 - ``train_step``: train step time, SeCo ÷ baseline, same backbone, batch and data
-  (``bench/train_step.measure``) — goal ≤ 1.5; the FLOPs of both steps, and their ATen ops
+  (``bench/train_step.measure``) — goal ≤ 1.5; SeCo under the profile's ``train.cam_select``
+  rule ÷ under the SPEC's schedule, timed in the same alternation; the FLOPs of both steps, and their ATen ops
   and host waits (``bench/train_step.host_reads``: what a GPU step pays in launches and
   stalls) at the default profile and at the VOC recipe's shape;
 - ``inference``: cams and segment stage throughput ÷ bare forward throughput at the same
@@ -224,10 +225,25 @@ VOC_SHAPE_SMALL = ["model.backbone=vit_small_patch16_224", "train.proj_hidden=12
                    '"num_heads": 2}', "train.num_workers=0"]
 
 
+def _select_row(res: dict[str, dict[str, float]], name: str, rule: str, steps: int) -> Row:
+    """SeCo's step under the profile's ``train.cam_select`` rule ÷ under the SPEC's schedule,
+    timed alternately with the other presets: the rule's own cost (its tile forward)."""
+    a, s = res["seco"]["median_s"], res[name]["median_s"]
+    fa, fs = res["seco"]["flops"], res[name]["flops"]
+    return row("train step", f"SeCo, train.cam_select {rule} ÷ schedule, s/step (median of "
+               f"{steps}, timed alternately with the rows above; FLOP ratio {fa / fs:.2f})",
+               f"{a:.3f} s", f"{s:.3f} s (schedule)", a / s)
+
+
 def part_train_step(ctx: Context) -> list[Row]:
     warmup, steps = ctx.n(1, 5), ctx.n(3, 20)
-    res = train_step.measure(ctx.params_file, ctx.overrides, ["baseline", "seco"], warmup, steps)
+    rule = load_params(ctx.params_file, ctx.overrides).train.cam_select
+    schedule = "seco@train.cam_select=schedule"  # the same preset under the SPEC's rule
+    variants = ["baseline", "seco", *([schedule] if rule != "schedule" else [])]
+    res = train_step.measure(ctx.params_file, ctx.overrides, variants, warmup, steps)
     rows = _step_rows(res, steps)
+    if rule != "schedule":
+        rows.append(_select_row(res, schedule, rule, steps))
     rows += _reads_rows("default profile", train_step.count_host_reads(
         ctx.params_file, ctx.overrides, ["baseline", "seco"], 2))
 

@@ -15,6 +15,10 @@ call site (each a wait for the device on a GPU): :func:`host_reads`.
     python bench/train_step.py                       # embedded default profile
     python bench/train_step.py --params recipes/voc.yaml --set data.source=synthetic ...
     python bench/train_step.py --host-reads --warmup 2
+    python bench/train_step.py --presets seco,seco@train.cam_select=schedule  # one setting's cost
+
+A preset may carry overrides of its own after ``@`` (``preset@key=value@key=value``): the
+same preset under two settings, timed side by side like two presets.
 """
 
 from __future__ import annotations
@@ -52,6 +56,13 @@ def all_on_iteration(tp) -> int:
     return min(max(starts) + 1, tp.iterations - 1)
 
 
+def variant(name: str) -> tuple[str, list[str]]:
+    """``"seco@train.cam_select=schedule"`` → (``"seco"``, ``["train.cam_select=schedule"]``):
+    a preset and the overrides of its own that follow it after ``@``."""
+    preset, *extra = name.split("@")
+    return preset, extra
+
+
 def _setup(params_file: Path, overrides: list[str], presets: list[str], n_batches: int,
            prepared: Path | None, tmp: str):
     """(trainers by preset, ``n_batches`` batches, the all-terms-on iteration, device)."""
@@ -64,9 +75,10 @@ def _setup(params_file: Path, overrides: list[str], presets: list[str], n_batche
     data = PreparedDataset(prepared)
     device = resolve_device(base.train.device, "train.device")
     trainers = {}
-    for preset in presets:
-        p = load_params(params_file, [*overrides, f"train.preset={preset}"])
-        trainers[preset] = Trainer(p, data, device, {"params": p.dump()})
+    for name in presets:
+        preset, extra = variant(name)
+        p = load_params(params_file, [*overrides, f"train.preset={preset}", *extra])
+        trainers[name] = Trainer(p, data, device, {"params": p.dump()})
     tp = base.train
     samples = TrainSamples(data, data.ids(base.data.train_split), tp.batch_size, tp.seed,
                            base.model.crop_size, tp.scale_range, base.data.mean,
@@ -179,7 +191,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--presets", default="baseline,seco")
+    ap.add_argument("--presets", default="baseline,seco",
+                    help="comma-separated presets, each optionally preset@key=value@...")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -203,10 +216,11 @@ def main() -> None:
     res = measure(args.params, args.overrides, presets, args.warmup, args.steps, args.prepared)
     ref = res[presets[0]]["median_s"]
     ref_flops = res[presets[0]]["flops"]
-    print(f"{'preset':<18}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}{'GFLOP/step':>12}"
+    width = max(18, *(len(p) + 2 for p in presets))
+    print(f"{'preset':<{width}}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}{'GFLOP/step':>12}"
           f"{'÷ ' + presets[0]:>14}")
     for name, r in res.items():
-        print(f"{name:<18}{r['median_s']:>16.4f}{r['median_s'] / ref:>14.2f}"
+        print(f"{name:<{width}}{r['median_s']:>16.4f}{r['median_s'] / ref:>14.2f}"
               f"{r['flops'] / 1e9:>12.2f}{r['flops'] / ref_flops:>14.2f}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")

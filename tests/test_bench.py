@@ -419,6 +419,29 @@ def test_train_step_counts_each_presets_arithmetic(prepared, tmp_path):
     assert base > 2 * forward.get_total_flops()
 
 
+def test_train_step_times_one_preset_under_two_settings_side_by_side(prepared):
+    """`preset@key=value`: the same preset with overrides of its own, stepped alternately
+    with the plain one; the agreement rule's tile forward shows in its arithmetic, and the
+    speed bench's row divides the two."""
+    import speed
+    import train_step
+    from conftest import ROOT, TINY
+
+    assert train_step.variant("seco") == ("seco", [])
+    assert train_step.variant("seco@train.cam_select=schedule@train.tau=0.2") == (
+        "seco", ["train.cam_select=schedule", "train.tau=0.2"])
+    names = ["seco", "seco@train.cam_select=schedule"]
+    trainers, _, _, _ = train_step._setup(ROOT / "params.yaml", TINY, names, 1, prepared, "")
+    assert [t.params.train.cam_select for t in trainers.values()] == ["agreement", "schedule"]
+    assert all(t.params.train.preset == "seco" for t in trainers.values())
+    res = train_step.measure(ROOT / "params.yaml", TINY, names, 0, 1, prepared)
+    assert set(res) == set(names)
+    assert res["seco"]["flops"] > res["seco@train.cam_select=schedule"]["flops"] > 0
+    r = speed._select_row(res, names[1], "agreement", 1)
+    assert r.ratio == res["seco"]["median_s"] / res[names[1]]["median_s"]
+    assert "agreement ÷ schedule" in r.what and r.status == "info"
+
+
 def test_host_reads_count_the_packages_reads_by_site_and_restore_torch(prepared):
     import torch
     import train_step
