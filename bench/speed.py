@@ -227,7 +227,9 @@ VOC_SHAPE_SMALL = ["model.backbone=vit_small_patch16_224", "train.proj_hidden=12
 
 def _select_row(res: dict[str, dict[str, float]], name: str, rule: str, steps: int) -> Row:
     """SeCo's step under the profile's ``train.cam_select`` rule ÷ under the SPEC's schedule,
-    timed alternately with the other presets: the rule's own cost (its tile forward)."""
+    timed alternately with the other presets: the rule's own cost (``agreement``: the online
+    CAM at full depth, where the schedule's auxiliary CAM stops at its block, and the tile
+    forward)."""
     a, s = res["seco"]["median_s"], res[name]["median_s"]
     fa, fs = res["seco"]["flops"], res[name]["flops"]
     return row("train step", f"SeCo, train.cam_select {rule} ÷ schedule, s/step (median of "
