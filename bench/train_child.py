@@ -55,10 +55,11 @@ def train_child(spec: dict[str, Any]) -> dict[str, Any]:
                            params.data.std, with_masks=trainer.sched.gt_seg)
     warmup, steps = spec["warmup"], spec["steps"]
     workers = tp.num_workers if device.type == "cuda" else 0
-    it, times = train_step.all_on_iteration(tp), []
+    its, times = train_step.step_iterations(tp, train_step.all_on_iteration(tp),
+                                            warmup + steps), []
     start = time.perf_counter()
     for i, batch in enumerate(train_loader(samples, 0, warmup + steps, workers)):
-        trainer.step(batch, it)
+        trainer.step(batch, its[i])
         _sync(device)
         now = time.perf_counter()
         if i >= warmup:

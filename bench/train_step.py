@@ -56,6 +56,13 @@ def all_on_iteration(tp) -> int:
     return min(max(starts) + 1, tp.iterations - 1)
 
 
+def step_iterations(tp, it: int, n: int) -> list[int]:
+    """The iterations of ``n`` timed steps from the all-terms-on ``it``: consecutive (so a
+    setting acting every few iterations, such as ``train.cam_select_every``, is timed at its
+    average), the last one repeated at the end of training."""
+    return [min(it + i, tp.iterations - 1) for i in range(n)]
+
+
 def variant(name: str) -> tuple[str, list[str]]:
     """``"seco@train.cam_select=schedule"`` → (``"seco"``, ``["train.cam_select=schedule"]``):
     a preset and the overrides of its own that follow it after ``@``."""
@@ -94,12 +101,13 @@ def measure(params_file: Path, overrides: list[str], presets: list[str], warmup:
         trainers, batches, it, device = _setup(params_file, overrides, presets, warmup + steps,
                                                prepared, tmp)
         times: dict[str, list[float]] = {k: [] for k in presets}
+        its = step_iterations(next(iter(trainers.values())).params.train, it, len(batches))
         for i, batch in enumerate(batches):
             for preset, trainer in trainers.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                trainer.step(batch, it)
+                trainer.step(batch, its[i])
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if i >= warmup:
@@ -120,11 +128,16 @@ def count_flops(params_file: Path, overrides: list[str], presets: list[str],
 
 
 def step_flops(trainer: Trainer, batch: dict[str, torch.Tensor], it: int) -> int:
-    """Floating-point operations of one training step (forward, backward, no-grad passes)."""
+    """Floating-point operations of one training step (forward, backward, no-grad passes):
+    the mean over ``train.cam_select_every`` consecutive steps from ``it``, so a statistic
+    computed every few steps counts at its average (one step when it is 1)."""
+    tp = trainer.params.train
+    its = step_iterations(tp, it, tp.cam_select_every)
     counter = FlopCounterMode(display=False)
     with counter:
-        trainer.step(batch, it)
-    return int(counter.get_total_flops())
+        for i in its:
+            trainer.step(batch, i)
+    return round(counter.get_total_flops() / len(its))
 
 
 # Tensor methods through which Python reads a tensor's value on the host: on a GPU each one

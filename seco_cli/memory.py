@@ -12,6 +12,7 @@ Tags: 0 = background, c ≥ 1 = class c (prototype row c − 1), −1 = uncertai
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -158,7 +159,13 @@ class CamHeads(nn.Module):
 
     Ties, and classes not seen yet, go to the schedule's head. Row 0 of the statistic is the
     auxiliary head, row 1 the final one; its buffer is named after the rule (``area`` or
-    ``agreement``)."""
+    ``agreement``).
+
+    The caller may step the statistic only every few iterations (``train.cam_select_every``)
+    and skip the tile forward in between when no class takes the tiles. It learns that
+    without waiting for the device: the trainer reads :meth:`readout` with the rest of the
+    step's values and hands them back to :meth:`observe`, which keeps a host copy of the
+    fallback choice (:meth:`may_use_tiles`)."""
 
     HEADS = ("aux", "final")
     TILES = "tiles"
@@ -172,6 +179,8 @@ class CamHeads(nn.Module):
         self.rule, self.min_agreement, self.fallback = rule, min_agreement, fallback
         self.register_buffer(rule, torch.zeros(2, num_classes))  # (2, C) float, the EMA
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.long))
+        # the host's copy of use_tiles() as of the last observe(); None: not known yet
+        self._host_tiles: list[bool] | None = None
 
     @property
     def stat(self) -> torch.Tensor:
@@ -193,6 +202,7 @@ class CamHeads(nn.Module):
         ema = momentum * stat + (1.0 - momentum) * mean
         stat.copy_(torch.where(first, mean, torch.where(has, ema, stat)))
         self.seen += n.long()
+        self.forget_host_copy()
 
     def use_aux(self, schedule_aux: bool) -> torch.Tensor:
         """(C,) bool: True where the class's CAM comes from the auxiliary head."""
@@ -207,6 +217,38 @@ class CamHeads(nn.Module):
         if self.rule != "agreement" or self.fallback != self.TILES:
             return torch.zeros_like(self.seen, dtype=torch.bool)
         return (self.seen > 0) & (self.stat.max(0).values < self.min_agreement)
+
+    def readout(self) -> torch.Tensor:
+        """(3·C,) float64 on the device: the statistic's rows, then ``seen``: what
+        :meth:`observe` takes back once the caller has read it (in its one read per step)."""
+        return torch.cat([self.stat.detach().double().flatten(), self.seen.double()])
+
+    def observe(self, values: Sequence[float]) -> list[list[float]]:
+        """Take back :meth:`readout`'s values as read on the host: keeps the host's copy of
+        :meth:`use_tiles` and returns the statistic's rows (auxiliary, final) for logging."""
+        c = self.seen.shape[0]
+        if len(values) != 3 * c:
+            raise ValueError(f"expected {3 * c} values (CamHeads.readout), got {len(values)}")
+        aux, final, seen = (list(values[i * c:(i + 1) * c]) for i in range(3))
+        if self.rule == "agreement" and self.fallback == self.TILES:
+            self._host_tiles = [n > 0 and max(a, f) < self.min_agreement
+                                for a, f, n in zip(aux, final, seen, strict=True)]
+        else:
+            self._host_tiles = [False] * c
+        return [aux, final]
+
+    def may_use_tiles(self) -> bool:
+        """False only when the host knows that no class takes the tile map (:meth:`observe`
+        since the statistic last changed); True when one may, or when it is not known."""
+        return self._host_tiles is None or any(self._host_tiles)
+
+    def forget_host_copy(self) -> None:
+        """The statistic changed without :meth:`observe` (an update, a loaded state)."""
+        self._host_tiles = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a loaded statistic: host copy stale
+        self.forget_host_copy()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def names(self, schedule_aux: bool) -> list[str]:
         """The source of each class, ``aux``, ``final`` or ``tiles`` (recorded in the trained

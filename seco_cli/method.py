@@ -44,7 +44,7 @@ from seco_cli.tags import (
     sample_patch_boxes,
 )
 from seco_cli.teacher import EMATeacher
-from seco_cli.tiles import classify_tiles, pixel_agreement
+from seco_cli.tiles import TileLogits, classify_tiles, pixel_agreement
 
 IGNORE = 255
 
@@ -98,14 +98,16 @@ class SeCo(nn.Module):
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
     def online_cam(self, images: torch.Tensor, labels: torch.Tensor, aux: bool,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+                   valid: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
         """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W), from
         the auxiliary head when ``aux`` (the schedule), else the final one. With
         ``train.cam_select`` ``area`` or ``agreement`` both heads come from one pass per
-        scale, each image's statistic of each head (covered area inside ``valid`` (B, H, W),
-        or agreement with the head's tile-logit map there) updates :class:`CamHeads`, and each
-        class takes the source it picks (``aux`` breaks ties): a head, or the final head's
-        tile-logit map (minimum over the tiles covering a pixel)."""
+        scale; when ``update``, each image's statistic of each head (covered area inside
+        ``valid`` (B, H, W), or agreement with the head's tile-logit map there) updates
+        :class:`CamHeads` (on every rank alike: ``update`` must be too); and each class takes
+        the source it picks (``aux`` breaks ties): a head, or the final head's tile-logit map
+        (minimum over the tiles covering a pixel). Without ``update`` the tiles are classified
+        only when a class may take that map (:meth:`CamHeads.may_use_tiles`)."""
         tp = self.params.train
         was = self.net.training
         self.net.eval()
@@ -115,15 +117,32 @@ class SeCo(nn.Module):
             fn = self.net.both_cams
         cam = fuse_cams(fn, images, tp.cam_scales, True, images.shape[-2:],
                         multiple=self.net.backbone.stride)
+        heads = self.cam_heads
         tiles = None
-        if self.cam_heads is not None and self.cam_heads.rule == "agreement":
+        if (heads is not None and heads.rule == "agreement"
+                and (update or heads.may_use_tiles())):
             tiles = classify_tiles(self.net, images, tp.patch_size, tp.tile_step)
         self.net.train(was)
-        if self.cam_heads is None:
+        if heads is None:
             return normalise_cams(cam, labels)
         final, aux_cam = (normalise_cams(c, labels) for c in cam)
-        if tiles is None:  # area
-            inside = (torch.ones_like(images[:, 0]) if valid is None else valid.float())[:, None]
+        if update:
+            self._update_heads(final, aux_cam, tiles, labels, valid)
+        use_aux = heads.use_aux(aux)[None, :, None, None]
+        cam = torch.where(use_aux, aux_cam, final)
+        if tiles is not None:
+            use_tiles = heads.use_tiles()[None, :, None, None]
+            cam = torch.where(use_tiles, normalise_cams(tiles.map("final", "min"), labels), cam)
+        return cam
+
+    def _update_heads(self, final: torch.Tensor, aux_cam: torch.Tensor,
+                      tiles: TileLogits | None, labels: torch.Tensor,
+                      valid: torch.Tensor | None) -> None:
+        """One step of :class:`CamHeads`' statistic from both heads' normalised CAMs: the
+        covered area (rule ``area``) or the agreement with the ``tiles`` (``agreement``)."""
+        tp = self.params.train
+        if tiles is None:  # area: no tiles were classified
+            inside = (torch.ones_like(final[:, 0]) if valid is None else valid.float())[:, None]
             pixels = inside.sum((2, 3)).clamp(min=1)  # (B, 1)
             values = torch.stack([((c > tp.cam_high) * inside).sum((2, 3)) / pixels
                                   for c in (aux_cam, final)], 1)  # (B, 2, C)
@@ -134,12 +153,6 @@ class SeCo(nn.Module):
             values = torch.stack([r for r, _ in found], 1)  # (B, 2, C)
             counts = labels * found[0][1] * found[1][1]  # labelled, both defined
         self.cam_heads.update(*gather_cat(values, counts), tp.cam_select_momentum)
-        use_aux = self.cam_heads.use_aux(aux)[None, :, None, None]
-        cam = torch.where(use_aux, aux_cam, final)
-        if tiles is not None:
-            use_tiles = self.cam_heads.use_tiles()[None, :, None, None]
-            cam = torch.where(use_tiles, normalise_cams(tiles.map("final", "min"), labels), cam)
-        return cam
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor,
@@ -284,7 +297,8 @@ class SeCo(nn.Module):
                                                     tp.ptc_high, tp.ptc_low)
             cam = None
             if w.lig > 0 or w.lil > 0 or (need_seg and not w.gt_seg):
-                cam = self.online_cam(images, labels, aux=it < tp.cam2mask, valid=valid)
+                cam = self.online_cam(images, labels, aux=it < tp.cam2mask, valid=valid,
+                                      update=it % tp.cam_select_every == 0)
             if w.lig > 0 or w.lil > 0:
                 terms.update(self.contrast_terms(out, images, raw, valid, labels, cam, w, gen,
                                                  normalise, stats))

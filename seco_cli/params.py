@@ -178,9 +178,13 @@ class TrainParams(_Section):
     # class, the head whose CAM correlates best with its own tiles' logits (tiles of
     # patch_size every cam_select_tile_step pixels, 0 = half a patch), and where neither
     # reaches cam_select_min_agreement, with fallback `tiles`, the final head's tile-logit
-    # map (README deviations; the default, the recipes keep the SPEC's `schedule`)
+    # map (README deviations; the default, the recipes keep the SPEC's `schedule`). The
+    # statistic is computed, and its EMA stepped, every cam_select_every iterations; between
+    # them each class keeps its source, and the tiles are classified only while a class takes
+    # the fallback
     cam_select: Literal["schedule", "area", "agreement"] = "agreement"
-    cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)
+    cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # per statistic update
+    cam_select_every: int = Field(1, ge=1)
     cam_select_min_agreement: float = Field(0.3, ge=-1.0, le=1.0)
     cam_select_fallback: Literal["none", "tiles"] = "tiles"
     cam_select_tile_step: int = Field(0, ge=0)

@@ -173,13 +173,15 @@ class Trainer:
         total = sum(getattr(w, k) * v for k, v in terms.items())
         # one read of the device for the finiteness check and everything logged (each read
         # makes the CPU wait for the GPU), train.cam_select's per-class statistic included;
-        # float64 keeps every value as float() gave it
+        # float64 keeps every value as float() gave it; the heads take theirs back (they skip
+        # the tile forward while no class takes the tiles, without asking the device)
         heads = self.method.cam_heads
-        head_stat = heads.stat.detach().double().flatten() if heads is not None else None
+        head_stat = heads.readout() if heads is not None else None
         scalars = torch.stack([v.detach().double() for v in (*terms.values(), total,
                                                              *stats.values())])
         values = (scalars if head_stat is None else torch.cat([scalars, head_stat])).tolist()
         values, head_values = values[:len(scalars)], values[len(scalars):]
+        head_rows = heads.observe(head_values) if heads is not None else []
         term_values = dict(zip(terms, values, strict=False))
         bad = [name for name, value in term_values.items() if not math.isfinite(value)]
         if distributed.any_rank(bool(bad)):  # every rank stops, none waits in backward
@@ -201,8 +203,7 @@ class Trainer:
                                                         strict=True)})
         if heads is not None:  # train.cam_select: the evidence of each class's choice
             names = self.data.classes[1:]
-            for h, head in enumerate(heads.HEADS):
-                row = head_values[h * len(names):(h + 1) * len(names)]
+            for head, row in zip(heads.HEADS, head_rows, strict=True):
                 logged.update({f"cam_{heads.rule}/{head}/{name}": a
                                for name, a in zip(names, row, strict=True)})
         return logged

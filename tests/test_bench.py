@@ -442,6 +442,23 @@ def test_train_step_times_one_preset_under_two_settings_side_by_side(prepared):
     assert "agreement ÷ schedule" in r.what and r.status == "info"
 
 
+def test_train_step_steps_consecutive_iterations_and_averages_flops_over_the_statistics_period(
+        prepared):
+    """Timed steps walk consecutive iterations from the all-terms-on one (a setting acting
+    every few iterations is timed at its average), and a preset's FLOPs are its mean over
+    train.cam_select_every steps: skipping the tiles between updates shows there."""
+    import train_step
+    from conftest import ROOT, TINY
+
+    from seco_cli.params import load_params
+
+    tp = load_params(ROOT / "params.yaml", TINY).train  # 6 iterations
+    assert train_step.step_iterations(tp, 3, 5) == [3, 4, 5, 5, 5]
+    every = "seco@train.cam_select_every=2@train.cam_select_min_agreement=-1.0"
+    flops = train_step.count_flops(ROOT / "params.yaml", TINY, ["seco", every], prepared)
+    assert 0 < flops[every] < flops["seco"]
+
+
 def test_host_reads_count_the_packages_reads_by_site_and_restore_torch(prepared):
     import torch
     import train_step

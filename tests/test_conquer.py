@@ -467,6 +467,77 @@ def test_online_cam_with_agreement_selection(floor, fallback):
     assert method.training is False  # the mode the caller set is kept
 
 
+def test_cam_heads_host_copy_of_the_fallback_follows_readout_and_observe():
+    """The trainer reads readout() with the step's values and hands them to observe(): the
+    host then knows, without another read, whether any class takes the tile map; an update
+    or a loaded state makes that unknown again (may_use_tiles True: tiles are computed)."""
+    from seco_cli.memory import CamHeads
+
+    heads = CamHeads(3, "agreement", min_agreement=0.3, fallback="tiles")
+    assert heads.may_use_tiles()  # nothing observed yet
+    heads.update(torch.tensor([[[0.5, -0.3, 0.0], [0.1, 0.6, 0.0]]]),
+                 torch.tensor([[1.0, 1.0, 0.0]]), momentum=0.9)
+    assert heads.may_use_tiles()  # changed since the last observe
+    values = heads.readout().tolist()
+    assert values == [*heads.agreement.double().flatten().tolist(), 1.0, 1.0, 0.0]
+    rows = heads.observe(values)
+    assert rows == [heads.agreement[0].double().tolist(), heads.agreement[1].double().tolist()]
+    assert not heads.use_tiles().any() and not heads.may_use_tiles()
+    heads.update(torch.tensor([[[0.0, 0.0, 0.1], [0.0, 0.0, 0.2]]]),
+                 torch.tensor([[0.0, 0.0, 1.0]]), momentum=0.9)  # class 2: under the floor
+    assert heads.may_use_tiles()
+    heads.observe(heads.readout().tolist())
+    assert heads.use_tiles().tolist() == [False, False, True] and heads.may_use_tiles()
+    state = heads.state_dict()
+    fresh = CamHeads(3, "agreement", min_agreement=0.3, fallback="tiles")
+    fresh.observe([0.5] * 6 + [1.0] * 3)  # a host copy saying "no class takes the tiles"
+    assert not fresh.may_use_tiles()
+    fresh.load_state_dict(state)  # the loaded statistic has a class on the tiles
+    assert fresh.may_use_tiles()
+    keep = CamHeads(3, "agreement", min_agreement=0.3, fallback="none")
+    keep.observe([0.0] * 6 + [1.0] * 3)  # below the floor, but no fallback to take
+    assert not keep.may_use_tiles()
+    with pytest.raises(ValueError, match="expected 9 values"):
+        keep.observe([0.0] * 6)
+
+
+@pytest.mark.parametrize("floor", [-1.0, 1.0])
+def test_online_cam_without_update_keeps_the_statistic_and_skips_tiles_unless_needed(
+        floor, monkeypatch):
+    """train.cam_select_every > 1: between updates the statistic and the seen counts stay,
+    the CAM is the one an update step's choice gives, and the tiles are classified only
+    when a class takes the tile map (floor 1.0: every seen class does)."""
+    import seco_cli.method as method_module
+    from seco_cli.method import SeCo
+    from tests.conftest import tiny_params
+
+    torch.manual_seed(0)
+    p = tiny_params("train.cam_select=agreement", f"train.cam_select_min_agreement={floor}",
+                    "train.cam_select_fallback=tiles", "train.patch_size=16")
+    method = SeCo(p, 6)
+    method.eval()
+    calls = []
+    real = method_module.classify_tiles
+    monkeypatch.setattr(method_module, "classify_tiles",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    images = torch.randn(2, 3, 48, 48)
+    labels = torch.tensor([[1.0, 1, 0, 0, 1, 0], [0, 1, 1, 0, 0, 0]])
+    method.online_cam(images, labels, aux=True)  # an update step
+    assert len(calls) == 1
+    stat, seen = method.cam_heads.agreement.clone(), method.cam_heads.seen.clone()
+    # the host copy is not known yet: the tiles are classified, and the CAM is unchanged
+    other = torch.randn(2, 3, 48, 48)
+    unknown = method.online_cam(other, labels, aux=True, update=False)
+    assert len(calls) == 2
+    method.cam_heads.observe(method.cam_heads.readout().tolist())
+    known = method.online_cam(other, labels, aux=True, update=False)
+    assert len(calls) == (3 if floor == 1.0 else 2)  # tiles only for a class on the fallback
+    assert torch.equal(known, unknown)
+    assert torch.equal(method.cam_heads.agreement, stat)
+    assert torch.equal(method.cam_heads.seen, seen)
+    assert method.cam_heads.use_tiles().any() == (floor == 1.0)
+
+
 def test_online_cam_with_area_selection_takes_each_class_from_the_chosen_head():
     from seco_cli.cams import fuse_cams, normalise_cams
     from seco_cli.method import SeCo

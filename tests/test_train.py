@@ -78,11 +78,14 @@ def _meta(p: Params, data: PreparedDataset) -> dict:
     return {"backbone": p.model.backbone, "num_classes": data.num_classes, "params": p.dump()}
 
 
-@pytest.mark.parametrize("preset,select", [("baseline", "schedule"), ("seco", "schedule"),
-                                           ("seco", "area"), ("baseline", "agreement")])
+@pytest.mark.parametrize("preset,select,every", [
+    ("baseline", "schedule", 1), ("seco", "schedule", 1), ("seco", "area", 1),
+    ("baseline", "agreement", 1),
+    ("seco", "agreement", 2)])  # resumed at a step between updates: the heads' host copy is gone
 def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str, select: str,
-                                     monkeypatch: pytest.MonkeyPatch):
-    tiny = tiny_params(f"train.preset={preset}", f"train.cam_select={select}")
+                                     every: int, monkeypatch: pytest.MonkeyPatch):
+    tiny = tiny_params(f"train.preset={preset}", f"train.cam_select={select}",
+                       f"train.cam_select_every={every}")
     data = PreparedDataset(prepared)
     cpu = torch.device("cpu")
     logs: list[dict[str, float]] = []
@@ -130,6 +133,45 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
     low = 0.0 if select == "area" else -1.0
     assert all(low <= v <= 1.0 for v in stats.values())
     assert not selects or any(v != 0 for v in stats.values())
+
+
+@pytest.mark.parametrize("every,floor,tile_steps", [
+    (1, 0.3, [2, 3, 4, 5]),  # every step: the statistic and the tiles
+    (2, -1.0, [2, 4]),  # no class can fall under a floor of -1: tiles on update steps only
+    (2, 1.0, [2, 3, 4, 5])])  # every seen class takes the tiles: needed on every step
+def test_cam_select_every_steps_the_statistic_on_its_iterations_only(
+        tmp_path: Path, prepared: Path, every: int, floor: float, tile_steps: list[int],
+        monkeypatch: pytest.MonkeyPatch):
+    """train.cam_select_every: the agreement statistic and its seen counts change on the
+    iterations it divides (from contrast_start on, when the online CAM is first needed), the
+    tiles are classified on those and, in between, only while a class takes the tile map."""
+    import seco_cli.method as method_module
+
+    tiny = tiny_params("train.preset=seco", "train.cam_select=agreement",
+                       f"train.cam_select_every={every}",
+                       f"train.cam_select_min_agreement={floor}")
+    data = PreparedDataset(prepared)
+    trainer = Trainer(tiny, data, torch.device("cpu"), _meta(tiny, data))
+    tiled: list[int] = []
+    real = method_module.classify_tiles
+    it_now = {"it": -1}
+    monkeypatch.setattr(method_module, "classify_tiles",
+                        lambda *a, **k: tiled.append(it_now["it"]) or real(*a, **k))
+    from seco_cli.data.loader import TrainSamples, train_loader
+
+    tp = tiny.train
+    samples = TrainSamples(data, data.ids(tiny.data.train_split), tp.batch_size, tp.seed,
+                           tiny.model.crop_size, tp.scale_range, tiny.data.mean, tiny.data.std)
+    heads = trainer.method.cam_heads
+    changed = []
+    for it, batch in enumerate(train_loader(samples, 0, tp.iterations, 0)):
+        it_now["it"] = it
+        before = heads.seen.clone(), heads.agreement.clone()
+        trainer.step(batch, it)
+        if not (torch.equal(before[0], heads.seen) and torch.equal(before[1], heads.agreement)):
+            changed.append(it)
+    assert changed == [it for it in range(tp.contrast_start, tp.iterations) if it % every == 0]
+    assert tiled == tile_steps
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,
