@@ -133,6 +133,8 @@ def step_flops(trainer: Trainer, batch: dict[str, torch.Tensor], it: int) -> int
     computed every few steps counts at its average (one step when it is 1)."""
     tp = trainer.params.train
     its = step_iterations(tp, it, tp.cam_select_every)
+    if len(its) > 1:  # one step first, uncounted: the heads then know whether tiles are needed
+        trainer.step(batch, it)
     counter = FlopCounterMode(display=False)
     with counter:
         for i in its:
