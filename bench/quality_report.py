@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -324,6 +325,50 @@ def training_table(agg: dict[str, dict[str, Stat]]) -> str:
                     rows)
 
 
+def cam_sources(run: dict[str, Any]) -> dict[str, str] | None:
+    """Per class, the online CAM's source at the end of the run under ``train.cam_select``
+    ``area`` or ``agreement`` (``aux``, ``final``, ``tiles``), the rule of
+    :class:`seco_cli.memory.CamHeads` applied to the last logged window of its EMA (a mean
+    over ``train.log_every`` steps, so a class within a hair of a boundary may read
+    otherwise than the model records); None for the schedule, or without an online CAM."""
+    tp = run.get("params", {}).get("train", {})
+    rule = tp.get("cam_select")
+    stat = run.get("train", {}).get(f"cam_{rule}")
+    if rule not in ("area", "agreement") or tp.get("preset") == "fully_supervised" or not stat:
+        return None
+    schedule_aux = tp["iterations"] <= tp["cam2mask"]  # the trainer's tie-break at the end
+    fallback = rule == "agreement" and tp.get("cam_select_fallback") == "tiles"
+    out = {}
+    for name, a in stat["aux"].items():
+        f = stat["final"][name]
+        if fallback and max(a, f) < tp["cam_select_min_agreement"]:
+            out[name] = "tiles"
+        elif a == f:
+            out[name] = "aux" if schedule_aux else "final"
+        else:
+            out[name] = "aux" if (a > f if rule == "agreement" else a < f) else "final"
+    return out
+
+
+def source_table(runs: Sequence[dict[str, Any]]) -> str | None:
+    """Per preset and class, in how many runs the online CAM came from each source (A aux,
+    F final, T tiles; :func:`cam_sources`); None when no run selects its CAM heads."""
+    counts: dict[str, dict[str, Counter]] = {}
+    for run in runs:
+        found = cam_sources(run)
+        if found:
+            per = counts.setdefault(run["preset"], {})
+            for name, src in found.items():
+                per.setdefault(name, Counter())[src] += 1
+    if not counts:
+        return None
+    names = list(dict.fromkeys(n for per in counts.values() for n in per))
+    rows = [[p] + [" ".join(f"{src[0].upper()}{counts[p][n][src]}"
+                            for src in ("aux", "final", "tiles") if counts[p][n][src])
+                   if n in counts[p] else "—" for n in names] for p in _presets(counts)]
+    return md_table(["preset", *names], rows)
+
+
 def found_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str]) -> str:
     """In how many runs (seeds) each coupled victim reaches IoU ≥ FOUND_IOU, per source: the
     outcome is often all-or-nothing (a class fused with its partner scores ≈ 0), which a mean
@@ -366,6 +411,10 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
                   "(object tiles against partner tiles)\n\n", probe]
     parts += ["\n## Training statistics, last logged window (the analysis' evidence)\n\n",
               training_table(agg)]
+    sources = source_table(runs)
+    if sources:
+        parts += ["\n## Online CAM source per class at the end of training (runs: A aux head, "
+                  "F final head, T tile map)\n\n", sources]
     parts += ["\n## Goals (means over seeds)\n\n",
               md_table(["goal", "measured", "status"],
                        [[g["goal"], g["measured"], g["status"]] for g in goals])]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -194,6 +196,37 @@ def test_training_table_shows_the_logged_statistics_and_dashes_for_absent_terms(
     assert rows["baseline"].endswith("| 0.300 | — | — | — |")
 
 
+def test_source_table_counts_each_classes_cam_source_by_the_heads_rule():
+    """The agreement rule on the last logged EMA: the higher head, the tile map under the
+    floor, the schedule's head on a tie; area: the smaller head; no table under the schedule
+    or for the fully supervised preset (no online CAM)."""
+    def run(preset, seed, rule, aux, final, **train):
+        r = _run(preset, seed, 0.5)
+        r["params"] = {"train": {"preset": preset, "cam_select": rule, "iterations": 750,
+                                 "cam2mask": 750, "cam_select_fallback": "tiles",
+                                 "cam_select_min_agreement": 0.3, **train}}
+        r["train"] = {f"cam_{rule}": {"aux": dict(zip("bp", aux, strict=True)),
+                                      "final": dict(zip("bp", final, strict=True))}}
+        return r
+
+    runs = [run("seco", 0, "agreement", (0.5, 0.1), (0.4, 0.2)),  # b aux, p tiles
+            run("seco", 1, "agreement", (0.4, 0.4), (0.5, 0.4)),  # b final, p tie → aux
+            run("baseline", 0, "agreement", (0.4, 0.4), (0.5, 0.4), cam2mask=100),  # tie → final
+            run("no_lig", 0, "area", (0.2, 0.1), (0.3, 0.05)),  # smaller wins: b aux, p final
+            run("fully_supervised", 0, "agreement", (0.0, 0.0), (0.0, 0.0))]
+    assert qr.cam_sources(runs[0]) == {"b": "aux", "p": "tiles"}
+    assert qr.cam_sources(runs[1]) == {"b": "final", "p": "aux"}
+    assert qr.cam_sources(runs[2]) == {"b": "final", "p": "final"}
+    assert qr.cam_sources(runs[3]) == {"b": "aux", "p": "final"}
+    assert qr.cam_sources(runs[4]) is None
+    table = qr.render(runs, "").split("## Online CAM source")[1].split("\n## ")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ")]
+    assert lines[0] == "| preset | b | p |"
+    assert lines[1:] == ["| baseline | F1 | F1 |", "| no_lig | A1 | F1 |",
+                         "| seco | A1 F1 | A1 T1 |"]
+    assert "## Online CAM source" not in qr.render([_run("seco", 0, 0.5)], "")
+
+
 def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():
     runs = [_run("seco", 0, 0.50), _run("seco", 1, 0.54), _run("no_lig", 0, 0.49),
             _run("no_lig", 1, 0.51), _run("no_lil", 0, 0.30), _run("no_lil", 1, 0.32)]
@@ -230,6 +263,24 @@ def test_probe_table_only_when_a_run_has_the_probe():
     assert lines[0] == "| preset | boat/background final: AUC / partner fires % |"
     assert lines[1] == "| baseline | 0.30 / 70.0 |"
     assert lines[2] == "| seco | 0.85 ± 0.07 / 15.0 ± 7.1 |"
+
+
+def test_params_hash_leaves_out_a_param_added_later_at_its_neutral_value():
+    """A param that did not exist when runs were stored hashes like its absence at the value
+    that reproduces the code before it, so those runs still match; any other value counts."""
+    from conftest import ROOT
+
+    from seco_cli.params import load_params
+
+    (section, key), neutral = next(iter(quality.NEUTRAL_PARAMS.items()))
+    plain = load_params(ROOT / "params.yaml", [f"{section}.{key}={neutral}"])
+    before = plain.dump()
+    before[section].pop(key)  # what the dump held before the param existed
+    h = quality.params_hash(plain)
+    assert h == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
+    assert quality.params_hash(load_params(ROOT / "params.yaml",
+                                           [f"{section}.{key}={neutral + 3}"])) != h
+    assert quality.params_hash(load_params(ROOT / "params.yaml", ["train.seed=5"])) != h
 
 
 def test_md_table_and_goal_status():
