@@ -165,7 +165,7 @@ class CamHeads(nn.Module):
     and skip the tile forward in between when no class takes the tiles. It learns that
     without waiting for the device: the trainer reads :meth:`readout` with the rest of the
     step's values and hands them back to :meth:`observe`, which keeps a host copy of the
-    fallback choice (:meth:`may_use_tiles`)."""
+    fallback choice (:meth:`may_use_tiles`, :meth:`tile_images`)."""
 
     HEADS = ("aux", "final")
     TILES = "tiles"
@@ -241,6 +241,17 @@ class CamHeads(nn.Module):
         """False only when the host knows that no class takes the tile map (:meth:`observe`
         since the statistic last changed); True when one may, or when it is not known."""
         return self._host_tiles is None or any(self._host_tiles)
+
+    def tile_images(self, labels: Sequence[Sequence[float]] | None) -> list[int] | None:
+        """Between updates, the images (rows of the host's ``labels``) whose tiles must be
+        classified: those showing a class that takes the tile map. None: every image (the
+        host copy or the labels are not known); empty: none."""
+        if not self.may_use_tiles():
+            return []
+        if self._host_tiles is None or labels is None:
+            return None
+        return [i for i, row in enumerate(labels)
+                if any(v > 0 and t for v, t in zip(row, self._host_tiles, strict=True))]
 
     def forget_host_copy(self) -> None:
         """The statistic changed without :meth:`observe` (an update, a loaded state)."""

@@ -9,6 +9,7 @@ and sums the terms. A term whose weight is 0 at this iteration is not computed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -98,7 +99,8 @@ class SeCo(nn.Module):
     # ------------------------------------------------------------------ phases
     @torch.no_grad()
     def online_cam(self, images: torch.Tensor, labels: torch.Tensor, aux: bool,
-                   valid: torch.Tensor | None = None, update: bool = True) -> torch.Tensor:
+                   valid: torch.Tensor | None = None, update: bool = True,
+                   host_labels: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
         """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W), from
         the auxiliary head when ``aux`` (the schedule), else the final one. With
         ``train.cam_select`` ``area`` or ``agreement`` both heads come from one pass per
@@ -107,7 +109,9 @@ class SeCo(nn.Module):
         :class:`CamHeads` (on every rank alike: ``update`` must be too); and each class takes
         the source it picks (``aux`` breaks ties): a head, or the final head's tile-logit map
         (minimum over the tiles covering a pixel). Without ``update`` the tiles are classified
-        only when a class may take that map (:meth:`CamHeads.may_use_tiles`)."""
+        only for the images showing a class that takes that map (:meth:`CamHeads.tile_images`,
+        from ``host_labels``, the batch's labels as the host holds them; all images when the
+        host does not know)."""
         tp = self.params.train
         was = self.net.training
         self.net.eval()
@@ -118,10 +122,12 @@ class SeCo(nn.Module):
         cam = fuse_cams(fn, images, tp.cam_scales, True, images.shape[-2:],
                         multiple=self.net.backbone.stride)
         heads = self.cam_heads
-        tiles = None
-        if (heads is not None and heads.rule == "agreement"
-                and (update or heads.may_use_tiles())):
-            tiles = classify_tiles(self.net, images, tp.patch_size, tp.tile_step)
+        tiles, rows = None, None  # rows: the images tiled (None: all of them)
+        if heads is not None and heads.rule == "agreement":
+            rows = None if update else heads.tile_images(host_labels)
+            if rows is None or rows:
+                picked = images if rows is None else images[rows]
+                tiles = classify_tiles(self.net, picked, tp.patch_size, tp.tile_step)
         self.net.train(was)
         if heads is None:
             return normalise_cams(cam, labels)
@@ -131,8 +137,13 @@ class SeCo(nn.Module):
         use_aux = heads.use_aux(aux)[None, :, None, None]
         cam = torch.where(use_aux, aux_cam, final)
         if tiles is not None:
+            tile_map = tiles.map("final", "min")
+            if rows is not None:  # the other images show no class on the tiles: their maps
+                # of those classes are zeroed by their labels below, as a full map's would be
+                tile_map = tile_map.new_zeros(cam.shape).index_copy_(
+                    0, torch.tensor(rows, device=cam.device), tile_map)
             use_tiles = heads.use_tiles()[None, :, None, None]
-            cam = torch.where(use_tiles, normalise_cams(tiles.map("final", "min"), labels), cam)
+            cam = torch.where(use_tiles, normalise_cams(tile_map, labels), cam)
         return cam
 
     def _update_heads(self, final: torch.Tensor, aux_cam: torch.Tensor,
@@ -272,10 +283,13 @@ class SeCo(nn.Module):
         return terms
 
     def losses(self, batch: dict[str, torch.Tensor], it: int, w: StepWeights, raw: torch.Tensor,
-               gen: torch.Generator, normalise, autocast: bool
+               gen: torch.Generator, normalise, autocast: bool,
+               host_labels: Sequence[Sequence[float]] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One step's named loss terms (unweighted) and statistics (0-dim tensors, left on the
-        device: the trainer reads them with the terms in one transfer)."""
+        device: the trainer reads them with the terms in one transfer). ``host_labels``: the
+        batch's labels as Python lists, when the host has them (the online CAM then tiles only
+        the images that need it, without reading the device)."""
         tp = self.params.train
         images, labels, valid = batch["image"], batch["labels"], batch["valid"]
         stats: dict[str, torch.Tensor] = {}
@@ -298,7 +312,8 @@ class SeCo(nn.Module):
             cam = None
             if w.lig > 0 or w.lil > 0 or (need_seg and not w.gt_seg):
                 cam = self.online_cam(images, labels, aux=it < tp.cam2mask, valid=valid,
-                                      update=it % tp.cam_select_every == 0)
+                                      update=it % tp.cam_select_every == 0,
+                                      host_labels=host_labels)
             if w.lig > 0 or w.lil > 0:
                 terms.update(self.contrast_terms(out, images, raw, valid, labels, cam, w, gen,
                                                  normalise, stats))

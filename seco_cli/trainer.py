@@ -164,12 +164,15 @@ class Trainer:
         return gen
 
     def step(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, float]:
+        # the loader's labels are host memory on every device: reading them waits for nothing
+        labels = batch["labels"]
+        host_labels = labels.numpy().tolist() if labels.device.type == "cpu" else None
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.method.train()
         w = self.sched.at(it)
         raw = (batch["image"] * self.std + self.mean).clamp(0, 1)  # un-normalised, for views
         terms, stats = self.losses(batch, it, w, raw, self._generator(it), self._normalise,
-                                   self.autocast)
+                                   self.autocast, host_labels)
         total = sum(getattr(w, k) * v for k, v in terms.items())
         # one read of the device for the finiteness check and everything logged (each read
         # makes the CPU wait for the GPU), train.cam_select's per-class statistic included;

@@ -536,6 +536,33 @@ def test_online_cam_without_update_keeps_the_statistic_and_skips_tiles_unless_ne
     assert torch.equal(method.cam_heads.agreement, stat)
     assert torch.equal(method.cam_heads.seen, seen)
     assert method.cam_heads.use_tiles().any() == (floor == 1.0)
+    # with the host's labels, only the images showing a class on the tiles are tiled: image 1
+    # shows class 3 alone, never seen, so never on the tiles; its CAM is the same either way
+    mixed = torch.tensor([[1.0, 1, 0, 0, 1, 0], [0, 0, 0, 1, 0, 0]])
+    sizes = []
+    monkeypatch.setattr(method_module, "classify_tiles",
+                        lambda net, x, *a: sizes.append(x.shape[0]) or real(net, x, *a))
+    method.cam_heads.forget_host_copy()
+    every_image = method.online_cam(other, mixed, aux=True, update=False)
+    method.cam_heads.observe(method.cam_heads.readout().tolist())
+    picked = method.online_cam(other, mixed, aux=True, update=False,
+                               host_labels=mixed.tolist())
+    assert sizes == ([2, 1] if floor == 1.0 else [2])
+    assert torch.allclose(picked, every_image, atol=1e-6)
+    assert (picked[1] == every_image[1]).all()  # not tiled: the heads' CAM, exactly
+
+
+def test_cam_heads_tile_images_are_the_ones_showing_a_class_on_the_tiles():
+    from seco_cli.memory import CamHeads
+
+    heads = CamHeads(3, "agreement", min_agreement=0.3, fallback="tiles")
+    labels = [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
+    assert heads.tile_images(labels) is None  # nothing observed: every image
+    heads.observe([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
+    assert heads.tile_images(labels) == [] and heads.tile_images(None) == []  # none on tiles
+    heads.observe([0.5, 0.5, 0.1, 0.5, 0.5, 0.2, 1.0, 1.0, 1.0])  # class 2 on the tiles
+    assert heads.tile_images(labels) == [1, 2]
+    assert heads.tile_images(None) is None  # labels not on the host: every image
 
 
 def test_online_cam_with_area_selection_takes_each_class_from_the_chosen_head():
