@@ -114,8 +114,8 @@ def measure(params_file: Path, overrides: list[str], presets: list[str], warmup:
                     times[preset].append(time.perf_counter() - t0)
         flops = {preset: step_flops(trainer, batches[-1], it)
                  for preset, trainer in trainers.items()}
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "steps": len(v),
-                "flops": flops[k]} for k, v in times.items()}
+    return {k: {"median_s": statistics.median(v), "mean_s": statistics.fmean(v), "min_s": min(v),
+                "steps": len(v), "flops": flops[k]} for k, v in times.items()}
 
 
 def count_flops(params_file: Path, overrides: list[str], presets: list[str],

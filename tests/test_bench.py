@@ -491,6 +491,14 @@ def test_train_step_times_one_preset_under_two_settings_side_by_side(prepared):
     r = speed._select_row(res, names[1], "agreement", 1)
     assert r.ratio == res["seco"]["median_s"] / res[names[1]]["median_s"]
     assert "agreement ÷ schedule" in r.what and r.status == "info"
+    # the cheaper agreement row divides means (one step in k is the dear one)
+    every = speed.every_variant(4)
+    assert train_step.variant(every) == ("seco", ["train.cam_select_every=4",
+                                                  "train.cam_select_min_agreement=-1.0"])
+    fake = {"seco": {"mean_s": 0.6, "median_s": 0.6, "flops": 64},
+            every: {"mean_s": 0.5, "median_s": 0.45, "flops": 56}}
+    r = speed._every_row(fake, every, 4, 20)
+    assert r.ratio == 0.5 / 0.6 and "FLOP ratio 0.88" in r.what and "every 4" in r.what
 
 
 def test_train_step_steps_consecutive_iterations_and_averages_flops_over_the_statistics_period(
