@@ -39,6 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's packages
 
+import benchlib  # noqa: E402
+
 from seco_cli.data.loader import TrainSamples, train_loader  # noqa: E402
 from seco_cli.data.prepared import PreparedDataset  # noqa: E402
 from seco_cli.device import resolve_device  # noqa: E402
@@ -230,16 +232,17 @@ def main() -> None:
         return
     presets = args.presets.split(",")
     res = measure(args.params, args.overrides, presets, args.warmup, args.steps, args.prepared)
-    ref = res[presets[0]]["median_s"]
+    ref, ref_mean = res[presets[0]]["median_s"], res[presets[0]]["mean_s"]
     ref_flops = res[presets[0]]["flops"]
     width = max(18, *(len(p) + 2 for p in presets))
-    print(f"{'preset':<{width}}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}{'GFLOP/step':>12}"
-          f"{'÷ ' + presets[0]:>14}")
+    print(f"{'preset':<{width}}{'s/step (median)':>16}{'÷ ' + presets[0]:>14}"
+          f"{'s/step (mean)':>14}{'÷ ' + presets[0]:>14}{'GFLOP/step':>12}{'÷ ' + presets[0]:>14}")
     for name, r in res.items():
         print(f"{name:<{width}}{r['median_s']:>16.4f}{r['median_s'] / ref:>14.2f}"
+              f"{r['mean_s']:>14.4f}{r['mean_s'] / ref_mean:>14.2f}"
               f"{r['flops'] / 1e9:>12.2f}{r['flops'] / ref_flops:>14.2f}")
-    if args.json:
-        args.json.write_text(json.dumps(res, indent=2) + "\n")
+    if args.json:  # with the command, date, revision and machine that made it
+        benchlib.write_json(args.json, {**benchlib.run_header(), "result": res})
 
 
 if __name__ == "__main__":
