@@ -327,8 +327,8 @@ def training_table(agg: dict[str, dict[str, Stat]]) -> str:
 
 def cam_sources(run: dict[str, Any]) -> dict[str, str] | None:
     """Per class, the online CAM's source at the end of the run under ``train.cam_select``
-    ``area`` or ``agreement`` (``aux``, ``final``, ``tiles``), the rule of
-    :class:`seco_cli.memory.CamHeads` applied to the last logged window of its EMA (a mean
+    ``area`` or ``agreement`` (``aux``, ``final``, ``tiles``): the trainer's own rule
+    (:meth:`seco_cli.memory.CamHeads.names`) on the last logged window of its EMA (a mean
     over ``train.log_every`` steps, so a class within a hair of a boundary may read
     otherwise than the model records); None for the schedule, or without an online CAM."""
     tp = run.get("params", {}).get("train", {})
@@ -336,18 +336,17 @@ def cam_sources(run: dict[str, Any]) -> dict[str, str] | None:
     stat = run.get("train", {}).get(f"cam_{rule}")
     if rule not in ("area", "agreement") or tp.get("preset") == "fully_supervised" or not stat:
         return None
-    schedule_aux = tp["iterations"] <= tp["cam2mask"]  # the trainer's tie-break at the end
-    fallback = rule == "agreement" and tp.get("cam_select_fallback") == "tiles"
-    out = {}
-    for name, a in stat["aux"].items():
-        f = stat["final"][name]
-        if fallback and max(a, f) < tp["cam_select_min_agreement"]:
-            out[name] = "tiles"
-        elif a == f:
-            out[name] = "aux" if schedule_aux else "final"
-        else:
-            out[name] = "aux" if (a > f if rule == "agreement" else a < f) else "final"
-    return out
+    import torch  # only for runs that select their heads: the report itself needs no torch
+
+    from seco_cli.memory import CamHeads
+
+    names = list(stat["aux"])
+    heads = CamHeads(len(names), rule, tp["cam_select_min_agreement"],
+                     tp.get("cam_select_fallback", "none"))
+    heads.stat.copy_(torch.tensor([[stat[h][n] for n in names] for h in CamHeads.HEADS]))
+    heads.seen.fill_(1)  # every logged class was seen
+    # the trainer's tie-break at the end of training: the schedule's head then
+    return dict(zip(names, heads.names(tp["iterations"] <= tp["cam2mask"]), strict=True))
 
 
 def source_table(runs: Sequence[dict[str, Any]]) -> str | None:

@@ -157,8 +157,9 @@ def host_reads(trainer: Trainer, batch: dict[str, torch.Tensor], it: int,
     tensor values from the package's own code (:data:`READS`, by call site ``file:line``).
     Reads inside ``torch.optim`` are left out: the optimiser's step counters are CPU tensors
     on every device, so reading them waits for nothing (the trainer's read of the loader's
-    labels, host memory on every device too, goes through numpy and is not counted either). The step runs the select forms of
-    :mod:`seco_cli.waits`, which a GPU runs, whatever the device."""
+    labels, host memory on every device too, goes through numpy and is not counted either).
+    The step runs the select forms of :mod:`seco_cli.waits`, which a GPU runs, whatever the
+    device."""
     from torch.profiler import ProfilerActivity, profile
 
     sites: Counter[str] = Counter()
