@@ -214,9 +214,14 @@ class CamHeads(nn.Module):
     def use_tiles(self) -> torch.Tensor:
         """(C,) bool: True where the class takes the tile-logit map (``agreement`` with
         fallback ``tiles``, seen, and neither head reaching ``min_agreement``)."""
+        return self._tiles_rule(self.stat, self.seen)
+
+    def _tiles_rule(self, stat: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """:meth:`use_tiles` of a statistic (2, C) float32 and counts (C,): on the device's
+        tensors or on the host's copy of them."""
         if self.rule != "agreement" or self.fallback != self.TILES:
-            return torch.zeros_like(self.seen, dtype=torch.bool)
-        return (self.seen > 0) & (self.stat.max(0).values < self.min_agreement)
+            return torch.zeros_like(seen, dtype=torch.bool)
+        return (seen > 0) & (stat.max(0).values < self.min_agreement)
 
     def readout(self) -> torch.Tensor:
         """(3·C,) float64 on the device: the statistic's rows, then ``seen``: what
@@ -229,13 +234,10 @@ class CamHeads(nn.Module):
         c = self.seen.shape[0]
         if len(values) != 3 * c:
             raise ValueError(f"expected {3 * c} values (CamHeads.readout), got {len(values)}")
-        aux, final, seen = (list(values[i * c:(i + 1) * c]) for i in range(3))
-        if self.rule == "agreement" and self.fallback == self.TILES:
-            self._host_tiles = [n > 0 and max(a, f) < self.min_agreement
-                                for a, f, n in zip(aux, final, seen, strict=True)]
-        else:
-            self._host_tiles = [False] * c
-        return [aux, final]
+        rows = torch.tensor(values, dtype=torch.float64).view(3, c)
+        # the statistic's own dtype, so the floor compares as it does on the device
+        self._host_tiles = self._tiles_rule(rows[:2].to(self.stat.dtype), rows[2]).tolist()
+        return [list(values[:c]), list(values[c:2 * c])]
 
     def may_use_tiles(self) -> bool:
         """False only when the host knows that no class takes the tile map (:meth:`observe`

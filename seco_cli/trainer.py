@@ -164,9 +164,11 @@ class Trainer:
         return gen
 
     def step(self, batch: dict[str, torch.Tensor], it: int) -> dict[str, float]:
-        # the loader's labels are host memory on every device: reading them waits for nothing
+        # the loader's labels are host memory on every device: reading them waits for nothing;
+        # only the steps between statistic updates use them (CamHeads.tile_images)
         labels = batch["labels"]
-        host_labels = labels.numpy().tolist() if labels.device.type == "cpu" else None
+        host_labels = (labels.numpy().tolist() if labels.device.type == "cpu"
+                       and self.params.train.cam_select_every > 1 else None)
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self.method.train()
         w = self.sched.at(it)
