@@ -50,7 +50,7 @@ from seco_cli.data.transforms import resize_square, to_tensor  # noqa: E402
 from seco_cli.inference import load_model  # noqa: E402
 from seco_cli.metrics import ConfusionMatrix  # noqa: E402
 from seco_cli.params import load_params  # noqa: E402
-from seco_cli.tiles import pixel_agreement, place, spread_logits, tiles_of  # noqa: E402
+from seco_cli.tiles import pixel_agreement, place, sharpen, spread_logits, tiles_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_OUT = "artifacts/train/model.pt"
@@ -129,7 +129,8 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
                for i in chunk]
         per_head = maps(net, images, params.train.cam_scales, params.train.patch_size)
         for head, found in per_head.items():
-            for (_, c), r in agreement(found["image"], found["tile-logit-mean"], labels).items():
+            tile_map = sharpen(found["tile-logit-mean"], params.train.cam_select_tile_power)
+            for (_, c), r in agreement(found["image"], tile_map, labels).items():
                 agree.setdefault((head, c), []).append(r)
             for variant, cam in found.items():
                 cam = normalise_cams(cam, labels)
@@ -137,7 +138,8 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
                     pred = torch.cat([torch.full_like(cam[:, :1], b), cam], 1).argmax(1).numpy()
                     for g, p in zip(gts, pred, strict=True):
                         cms[head, variant, b].update(g.astype(np.int64), p)
-    result: dict[str, dict] = {"heads": {}, "agreement": {}}
+    result: dict[str, dict] = {"heads": {}, "agreement": {},
+                               "tile_power": params.train.cam_select_tile_power}
     for (head, variant, b), cm in cms.items():
         iou = cm.compute()["iou"]
         present = cm.mat.sum(1) > 0
@@ -175,9 +177,12 @@ def render(runs: dict[str, dict], classes: list[str], head: dict) -> str:
                                    for c in classes)])
         lines.append(benchlib.md_table(["head", "map", "bkg", "mIoU", *classes], rows))
         agree = run["result"]["agreement"]
-        lines.append("\nCorrelation of the image CAM with the tile-logit map (mean over the "
-                     "class's images; negative: the CAM falls where the tiles find the class)"
-                     "\n\n")
+        power = run["result"].get("tile_power", 1.0)  # runs stored before it: 1
+        sharpened = (f", divided by its maximum and raised to the power {power:g} "
+                     "(`train.cam_select_tile_power`)" if power != 1.0 else "")
+        lines.append(f"\nCorrelation of the image CAM with the tile-logit map{sharpened} (mean "
+                     "over the class's images; negative: the CAM falls where the tiles find "
+                     "the class)\n\n")
         lines.append(benchlib.md_table(
             ["head", *classes[1:]],
             [[h, *((f"{agree[h][c]['mean_r']:+.2f}" if c in agree.get(h, {}) else "—")

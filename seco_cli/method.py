@@ -45,7 +45,7 @@ from seco_cli.tags import (
     sample_patch_boxes,
 )
 from seco_cli.teacher import EMATeacher
-from seco_cli.tiles import TileLogits, classify_tiles, pixel_agreement
+from seco_cli.tiles import TileLogits, classify_tiles, pixel_agreement, sharpen
 
 IGNORE = 255
 
@@ -150,7 +150,8 @@ class SeCo(nn.Module):
                       tiles: TileLogits | None, labels: torch.Tensor,
                       valid: torch.Tensor | None) -> None:
         """One step of :class:`CamHeads`' statistic from both heads' normalised CAMs: the
-        covered area (rule ``area``) or the agreement with the ``tiles`` (``agreement``)."""
+        covered area (rule ``area``) or the agreement with the ``tiles`` (``agreement``; their
+        map sharpened by ``train.cam_select_tile_power``)."""
         tp = self.params.train
         if tiles is None:  # area: no tiles were classified
             inside = (torch.ones_like(final[:, 0]) if valid is None else valid.float())[:, None]
@@ -159,7 +160,8 @@ class SeCo(nn.Module):
                                   for c in (aux_cam, final)], 1)  # (B, 2, C)
             counts = labels
         else:
-            found = [pixel_agreement(c, tiles.map(h, "mean"), valid)
+            found = [pixel_agreement(c, sharpen(tiles.map(h, "mean"), tp.cam_select_tile_power),
+                                     valid)
                      for c, h in ((aux_cam, "aux"), (final, "final"))]
             values = torch.stack([r for r, _ in found], 1)  # (B, 2, C)
             counts = labels * found[0][1] * found[1][1]  # labelled, both defined

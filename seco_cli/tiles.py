@@ -98,6 +98,17 @@ def classify_tiles(net: SeCoNet, images: torch.Tensor, size: int, step: int) -> 
     return TileLogits(logits, where, side, tuple(images.shape[-2:]))
 
 
+def sharpen(ref: torch.Tensor, power: float) -> torch.Tensor:
+    """A tile-logit map (B, C, H, W), ≥ 0, divided by its maximum over each image's pixels
+    and raised to ``power``: the tiles that find the class most keep their weight, tiles
+    scoring it half as much fall to 2^-power of it. ``power`` 1 returns ``ref`` itself (the
+    correlation does not see the scale); a map that is zero over an image stays zero."""
+    if power == 1.0:
+        return ref
+    peak = ref.flatten(2).amax(-1)[..., None, None]
+    return (ref / peak.clamp(min=torch.finfo(ref.dtype).tiny)).pow(power)
+
+
 def pixel_agreement(cam: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per image and class, the Pearson correlation over the (``valid``) pixels between

@@ -272,14 +272,18 @@ def test_params_hash_leaves_out_a_param_added_later_at_its_neutral_value():
 
     from seco_cli.params import load_params
 
-    (section, key), neutral = next(iter(quality.NEUTRAL_PARAMS.items()))
-    plain = load_params(ROOT / "params.yaml", [f"{section}.{key}={neutral}"])
+    neutral = [f"{section}.{key}={value}"
+               for (section, key), value in quality.NEUTRAL_PARAMS.items()]
+    assert len(neutral) >= 2
+    plain = load_params(ROOT / "params.yaml", neutral)
     before = plain.dump()
-    before[section].pop(key)  # what the dump held before the param existed
+    for section, key in quality.NEUTRAL_PARAMS:
+        before[section].pop(key)  # what the dump held before the params existed
     h = quality.params_hash(plain)
     assert h == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
-    assert quality.params_hash(load_params(ROOT / "params.yaml",
-                                           [f"{section}.{key}={neutral + 3}"])) != h
+    for (section, key), value in quality.NEUTRAL_PARAMS.items():
+        assert quality.params_hash(load_params(ROOT / "params.yaml",
+                                               [*neutral, f"{section}.{key}={value + 3}"])) != h
     assert quality.params_hash(load_params(ROOT / "params.yaml", ["train.seed=5"])) != h
 
 

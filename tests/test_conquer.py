@@ -427,19 +427,22 @@ def test_cam_heads_agreement_picks_the_agreeing_head_and_falls_back_to_tiles():
         CamHeads(4, "size")
 
 
-@pytest.mark.parametrize("floor,fallback", [(-1.0, "tiles"), (1.0, "tiles"), (1.0, "none")])
-def test_online_cam_with_agreement_selection(floor, fallback):
+@pytest.mark.parametrize("floor,fallback,power", [(-1.0, "tiles", 1.0), (1.0, "tiles", 1.0),
+                                                   (1.0, "none", 1.0), (-1.0, "tiles", 8.0)])
+def test_online_cam_with_agreement_selection(floor, fallback, power):
     """Both heads' CAMs and the tile-logit maps from the same images: the statistic is each
-    head's pixel agreement with its own tile map, each class takes the head it picks, and a
-    class under the floor (1.0: every seen class) takes the final head's tile-min map."""
+    head's pixel agreement with its own tile map (sharpened by cam_select_tile_power), each
+    class takes the head it picks, and a class under the floor (1.0: every seen class) takes
+    the final head's tile-min map."""
     from seco_cli.cams import fuse_cams, normalise_cams
     from seco_cli.method import SeCo
-    from seco_cli.tiles import classify_tiles, pixel_agreement
+    from seco_cli.tiles import classify_tiles, pixel_agreement, sharpen
     from tests.conftest import tiny_params
 
     torch.manual_seed(0)
     p = tiny_params("train.cam_select=agreement", f"train.cam_select_min_agreement={floor}",
-                    f"train.cam_select_fallback={fallback}", "train.patch_size=16")
+                    f"train.cam_select_fallback={fallback}", "train.patch_size=16",
+                    f"train.cam_select_tile_power={power}")
     method = SeCo(p, 6)
     method.eval()
     images = torch.randn(2, 3, 48, 48)
@@ -450,8 +453,11 @@ def test_online_cam_with_agreement_selection(floor, fallback):
     final, aux = (normalise_cams(c, labels) for c in fuse_cams(
         method.net.both_cams, images, p.train.cam_scales, True, (48, 48), 8))
     tiles = classify_tiles(method.net, images, 16, 8)
-    r_aux, d_aux = pixel_agreement(aux, tiles.map("aux", "mean"), valid)
-    r_final, d_final = pixel_agreement(final, tiles.map("final", "mean"), valid)
+    r_aux, d_aux = pixel_agreement(aux, sharpen(tiles.map("aux", "mean"), power), valid)
+    r_final, d_final = pixel_agreement(final, sharpen(tiles.map("final", "mean"), power), valid)
+    if power != 1.0:  # the power changes the statistic
+        plain, _ = pixel_agreement(final, tiles.map("final", "mean"), valid)
+        assert not torch.allclose(plain[d_final], r_final[d_final], atol=1e-3)
     counted = labels.bool() & d_aux & d_final
     assert method.cam_heads.seen.tolist() == counted.sum(0).tolist()
     for c in range(6):  # the first sighting: the mean over the images where it counts

@@ -89,6 +89,16 @@ def test_the_command_measures_every_head_and_map(tmp_path, prepared):
                 assert 0.0 <= r["miou"] <= 1.0
                 assert set(r["iou"]) == set(data.classes)
     assert "| final | tile-cam | 0.4 |" in results.with_suffix(".md").read_text()
+    assert run["result"]["tile_power"] == 1.0
+    assert "raised to the power" not in results.with_suffix(".md").read_text()
+    # the agreement the trainer's statistic would see with the tile map sharpened
+    assert tc.main(["--model", str(model), "--prepared", str(prepared), "--images", "2",
+                    "--batch", "2", "--results", str(results), *sets,
+                    "--set", "train.cam_select_tile_power=8"]) == 0
+    sharp = json.loads(results.read_text())["runs"][str(model)]["result"]
+    assert sharp["tile_power"] == 8.0
+    assert "raised to the power 8 (`train.cam_select_tile_power`)" in (
+        results.with_suffix(".md").read_text())
 
 
 

@@ -8,7 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from seco_cli.tiles import classify_tiles, pixel_agreement, place, tile_starts, tiles_of
+from seco_cli.tiles import (
+    classify_tiles,
+    pixel_agreement,
+    place,
+    sharpen,
+    tile_starts,
+    tiles_of,
+)
 
 
 @pytest.mark.parametrize("side,size,step,expected", [
@@ -87,3 +94,33 @@ def test_pixel_agreement_is_the_correlation_over_the_valid_pixels():
     assert torch.allclose(pixel_agreement(wild, ref, valid)[0], r, atol=1e-6)
     # a map mirrored on the valid pixels: −1
     assert pixel_agreement(1 - ref, ref, valid)[0][0, 0] == pytest.approx(-1.0)
+
+
+def test_sharpen_divides_each_map_by_its_peak_and_raises_it_to_the_power():
+    torch.manual_seed(0)
+    ref = torch.rand(2, 3, 5, 4) * 7
+    ref[1, 2] = 0  # no tile finds the class: stays zero, no NaN
+    assert sharpen(ref, 1.0) is ref  # the correlation does not see the scale
+    got = sharpen(ref, 3.0)
+    for b in range(2):
+        for c in range(3):
+            peak = ref[b, c].max()
+            want = (ref[b, c] / peak) ** 3 if peak > 0 else torch.zeros_like(ref[b, c])
+            assert torch.allclose(got[b, c], want, atol=1e-6)
+    assert got.isfinite().all() and got[1, 2].abs().max() == 0
+    assert got.max() == pytest.approx(1.0)
+
+
+def test_sharpened_tiles_tell_a_cam_on_the_context_from_one_on_the_object():
+    """A boat on its water: the boat's own tiles score it highest (10), the water's tiles
+    score it too (6). The plain correlation rates a CAM on the water above the 0.3 floor,
+    above one on the boat; raised to the 8th power only the boat's tiles count."""
+    ref = torch.zeros(1, 1, 16, 16)
+    ref[..., 8:, :] = 6.0  # the water
+    ref[..., 12:, :4] = 10.0  # the boat
+    water = (ref == 6.0).float()
+    boat = (ref == 10.0).float()
+    plain = [float(pixel_agreement(cam, ref)[0]) for cam in (water, boat)]
+    sharp = [float(pixel_agreement(cam, sharpen(ref, 8.0))[0]) for cam in (water, boat)]
+    assert plain[0] > 0.3 and plain[0] > plain[1]
+    assert sharp[0] < 0.0 < 0.9 < sharp[1]
