@@ -96,9 +96,9 @@ class RunSpec:
 # Params added after runs were stored, each with the value at which the code does exactly
 # what it did before the param existed: left out of the hash at that value, so the stored
 # runs keep their keys (a run with another value hashes it). Add one only with that proof
-# (for cam_select_every and cam_select_tile_power: `dvc repro` gave every evaluate.json
-# value unchanged).
-NEUTRAL_PARAMS = {("train", "cam_select_every"): 1, ("train", "cam_select_tile_power"): 1.0}
+# (for each of these: a clean-clone `dvc repro` gave every evaluate.json value unchanged).
+NEUTRAL_PARAMS = {("train", "cam_select_every"): 1, ("train", "cam_select_tile_power"): 1.0,
+                  ("train", "cam_select_fallback_power"): 1.0}
 
 
 def params_hash(params: Params) -> str:

@@ -111,7 +111,8 @@ class SeCo(nn.Module):
         (minimum over the tiles covering a pixel). Without ``update`` the tiles are classified
         only for the images showing a class that takes that map (:meth:`CamHeads.tile_images`,
         from ``host_labels``, the batch's labels as the host holds them; all images when the
-        host does not know)."""
+        host does not know). The tile map is sharpened by ``train.cam_select_fallback_power``
+        (:func:`sharpen`) before its normalisation."""
         tp = self.params.train
         was = self.net.training
         self.net.eval()
@@ -137,7 +138,7 @@ class SeCo(nn.Module):
         use_aux = heads.use_aux(aux)[None, :, None, None]
         cam = torch.where(use_aux, aux_cam, final)
         if tiles is not None:
-            tile_map = tiles.map("final", "min")
+            tile_map = sharpen(tiles.map("final", "min"), tp.cam_select_fallback_power)
             if rows is not None:  # the other images show no class on the tiles: their maps
                 # of those classes are zeroed by their labels below, as a full map's would be
                 tile_map = tile_map.new_zeros(cam.shape).index_copy_(

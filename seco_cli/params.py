@@ -184,7 +184,10 @@ class TrainParams(_Section):
     # the fallback. cam_select_tile_power: the tile-logit map is divided by its maximum over
     # the image and raised to this power before the correlation (1 = the map itself; larger
     # weighs the tiles that find the class most, the object's own over a context that
-    # carries the class alone, as the strict embedded data's water carries the boat)
+    # carries the class alone, as the strict embedded data's water carries the boat).
+    # cam_select_fallback_power: the same for the fallback's tile-min map, before it is
+    # normalised into the class's CAM (1 = the map itself; larger narrows it to the tiles
+    # that find the class most, the water's weaker "boat" tiles falling under the thresholds)
     cam_select: Literal["schedule", "area", "agreement"] = "agreement"
     cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # per statistic update
     cam_select_every: int = Field(1, ge=1)
@@ -192,6 +195,7 @@ class TrainParams(_Section):
     cam_select_fallback: Literal["none", "tiles"] = "tiles"
     cam_select_tile_step: int = Field(0, ge=0)
     cam_select_tile_power: float = Field(1.0, ge=1.0, le=64.0)
+    cam_select_fallback_power: float = Field(1.0, ge=1.0, le=64.0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)

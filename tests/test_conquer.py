@@ -427,13 +427,14 @@ def test_cam_heads_agreement_picks_the_agreeing_head_and_falls_back_to_tiles():
         CamHeads(4, "size")
 
 
-@pytest.mark.parametrize("floor,fallback,power", [(-1.0, "tiles", 1.0), (1.0, "tiles", 1.0),
-                                                   (1.0, "none", 1.0), (-1.0, "tiles", 8.0)])
-def test_online_cam_with_agreement_selection(floor, fallback, power):
+@pytest.mark.parametrize("floor,fallback,power,fpower", [
+    (-1.0, "tiles", 1.0, 1.0), (1.0, "tiles", 1.0, 1.0), (1.0, "none", 1.0, 1.0),
+    (-1.0, "tiles", 8.0, 1.0), (1.0, "tiles", 1.0, 4.0), (1.0, "none", 1.0, 4.0)])
+def test_online_cam_with_agreement_selection(floor, fallback, power, fpower):
     """Both heads' CAMs and the tile-logit maps from the same images: the statistic is each
     head's pixel agreement with its own tile map (sharpened by cam_select_tile_power), each
     class takes the head it picks, and a class under the floor (1.0: every seen class) takes
-    the final head's tile-min map."""
+    the final head's tile-min map, sharpened by cam_select_fallback_power."""
     from seco_cli.cams import fuse_cams, normalise_cams
     from seco_cli.method import SeCo
     from seco_cli.tiles import classify_tiles, pixel_agreement, sharpen
@@ -442,7 +443,8 @@ def test_online_cam_with_agreement_selection(floor, fallback, power):
     torch.manual_seed(0)
     p = tiny_params("train.cam_select=agreement", f"train.cam_select_min_agreement={floor}",
                     f"train.cam_select_fallback={fallback}", "train.patch_size=16",
-                    f"train.cam_select_tile_power={power}")
+                    f"train.cam_select_tile_power={power}",
+                    f"train.cam_select_fallback_power={fpower}")
     method = SeCo(p, 6)
     method.eval()
     images = torch.randn(2, 3, 48, 48)
@@ -466,7 +468,13 @@ def test_online_cam_with_agreement_selection(floor, fallback, power):
             assert torch.allclose(method.cam_heads.agreement[:, c], want, atol=1e-5)
     use_aux, use_tiles = method.cam_heads.use_aux(True), method.cam_heads.use_tiles()
     assert use_tiles.any() == (floor == 1.0 and fallback == "tiles")
-    tile_cam = normalise_cams(tiles.map("final", "min"), labels)
+    tile_cam = normalise_cams(sharpen(tiles.map("final", "min"), fpower), labels)
+    if fpower != 1.0 and use_tiles.any():  # the power changes the fallback's CAM
+        plain = normalise_cams(tiles.map("final", "min"), labels)
+        shown = labels.bool() & use_tiles[None]
+        assert not torch.allclose(cam[shown], plain[shown], atol=1e-3)
+        # the tiles finding the class most keep their rank at the top; the rest sink
+        assert (cam[shown] <= plain[shown] + 1e-4).all()  # 1e-4: normalise_cams' eps
     for c in range(6):
         want = tile_cam if use_tiles[c] else aux if use_aux[c] else final
         assert torch.allclose(cam[:, c], want[:, c], atol=1e-6), c
