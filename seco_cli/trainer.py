@@ -246,7 +246,8 @@ class Trainer:
             meta[f"cam_head_{heads.rule}"] = heads.stat.tolist()
             if heads.rule == "agreement":  # the tile map of a `tiles` class (cams stage)
                 meta["cam_tiles"] = {"size": self.params.train.patch_size,
-                                     "step": self.params.train.tile_step}
+                                     "step": self.params.train.tile_step,
+                                     "power": self.params.train.cam_select_fallback_power}
         return {"model": self.net.state_dict(), "prototypes": self.method.prototypes.P.clone(),
                 "meta": meta}
 

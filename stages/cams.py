@@ -9,7 +9,8 @@ at its last iteration, read from the checkpoint's recorded params, see
 ``source`` attribute; ``select``: per class the source recorded by a model trained with
 ``train.cam_select`` ``area`` or ``agreement``, listed as the store's ``cam_heads``
 attribute: a head, or ``tiles``, the final head's tile-logit map of
-:mod:`seco_cli.tiles`, its tiling recorded as ``cam_tiles``). With ``cams.aux``
+:mod:`seco_cli.tiles`, sharpened as training sharpened it, its tiling and power recorded as
+``cam_tiles``). With ``cams.aux``
 the auxiliary CAMs, made alike from the same forward pass, also go to the group ``aux``
 (``aux/<id>``). Sharded runs (``shard``) write their share of the ids into the one store.
 """
@@ -29,7 +30,7 @@ from seco_cli.params import Params, seed_cam_source
 from seco_cli.progress import Progress, Silent
 from seco_cli.shards import Shard
 from seco_cli.store import WriteBehind, open_writer
-from seco_cli.tiles import classify_tiles
+from seco_cli.tiles import classify_tiles, sharpen
 
 AUX = "aux"
 TILES = "tiles"  # a class whose seeds are the tile-logit map
@@ -54,9 +55,11 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
         attrs["cam_heads"] = heads
         use_aux = torch.tensor([h == "aux" for h in heads], device=inf.device)[None, :, None, None]
         use_tiles = torch.tensor([h == TILES for h in heads], device=inf.device)[None, :, None, None]
-        # a `tiles` class: the final head's tile-logit map, tiles cut as training cut them
-        tiling = inf.meta.get("cam_tiles") or {"size": params.train.patch_size,
-                                               "step": params.train.tile_step}
+        # a `tiles` class: the final head's tile-logit map, tiles cut and the map sharpened as
+        # training did (checkpoints from before the power: 1, the map as it was)
+        tiling = {"power": 1.0, **(inf.meta.get("cam_tiles") or {
+            "size": params.train.patch_size, "step": params.train.tile_step,
+            "power": params.train.cam_select_fallback_power})}
         if TILES in heads:
             attrs["cam_tiles"] = tiling
     store = open_writer(out, "cams", attrs, shard=shard.index, num_shards=shard.count,
@@ -78,8 +81,9 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
                 final, aux = fused
                 seeds = torch.where(use_aux, aux, final)
                 if TILES in heads:
-                    tiles = classify_tiles(inf.net, images.to(inf.device), tiling["size"],
-                                           tiling["step"]).map("final", "min")
+                    tiles = sharpen(classify_tiles(inf.net, images.to(inf.device),
+                                                   tiling["size"], tiling["step"]
+                                                   ).map("final", "min"), tiling["power"])
                     seeds = torch.where(use_tiles, tiles, seeds)
             else:
                 seeds, aux = fused if cp.aux else (fused, None)

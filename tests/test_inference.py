@@ -492,11 +492,13 @@ def test_cams_source_select_takes_each_class_from_the_head_the_model_recorded(ca
     assert not (tmp_path / "bad.zarr").exists()
 
 
+@pytest.mark.parametrize("power", [None, 2.0])
 def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tmp_path,
-                                                                        monkeypatch):
+                                                                        monkeypatch, power):
     """A model trained with train.cam_select: agreement may record `tiles` for a class no head
     agrees on: its seeds are the final head's tile-min map, cut with the tiling the model
-    recorded; the other classes keep their heads' CAMs."""
+    recorded and sharpened by the power it recorded (none recorded: 1, the map as it was);
+    the other classes keep their heads' CAMs."""
     import stages.cams as stage_mod
     from seco_cli.tiles import classify_tiles
 
@@ -504,7 +506,7 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
     n = ckpt["meta"]["num_classes"]
     heads = ["tiles" if c % 2 else "final" for c in range(n)]
     model = tmp_path / "tiles.pt"
-    tiling = {"size": 16, "step": 8}
+    tiling = {"size": 16, "step": 8, **({} if power is None else {"power": power})}
     torch.save({**ckpt, "meta": {**ckpt["meta"], "cam_heads": heads, "cam_tiles": tiling}}, model)
     calls = []
 
@@ -532,7 +534,8 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
     select = run(tmp_path / "select.zarr", model)
     final = run(tmp_path / "final.zarr", model, "cams.source=final")
     assert calls and set(calls) == {(16, 8)}
-    assert select.attrs["cam_heads"] == heads and select.attrs["cam_tiles"] == tiling
+    assert select.attrs["cam_heads"] == heads
+    assert select.attrs["cam_tiles"] == {"power": 1.0, **tiling}
     taken = {"final": 0, "tiles": 0}
     for image_id in select.ids():
         seeds, attrs = select.read_with_attrs(image_id)
@@ -542,6 +545,8 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
             else:  # the ramp, normalised and resized: rising left to right, 0 to 1
                 row = seeds[k].astype(np.float64).mean(0)
                 assert np.all(np.diff(row) >= -1e-6) and row[0] < 0.1 and row[-1] > 0.9
+                # its middle: 0.5 raised to the recorded power
+                assert abs(row[len(row) // 2] - 0.5 ** (power or 1.0)) < 0.06
                 assert np.allclose(seeds[k], seeds[k][:1], atol=1 / 255)  # every row alike
             taken[heads[c - 1]] += 1
     assert taken["final"] > 0 and taken["tiles"] > 0
