@@ -138,7 +138,7 @@ class SeCo(nn.Module):
         use_aux = heads.use_aux(aux)[None, :, None, None]
         cam = torch.where(use_aux, aux_cam, final)
         if tiles is not None:
-            tile_map = sharpen(tiles.map("final", "min"), tp.cam_select_fallback_power)
+            tile_map = tiles.fallback(tp.cam_select_fallback_power)
             if rows is not None:  # the other images show no class on the tiles: their maps
                 # of those classes are zeroed by their labels below, as a full map's would be
                 tile_map = tile_map.new_zeros(cam.shape).index_copy_(

@@ -85,6 +85,12 @@ class TileLogits:
         the ``mean`` or the ``min`` over the tiles that cover it."""
         return spread_logits(self.logits[head], self.where, self.side, self.size, reduce)
 
+    def fallback(self, power: float) -> torch.Tensor:
+        """The map a class on the tile fallback takes as its CAM (training's online labels and
+        the ``cams`` stage's seeds alike): the final head's ``min`` map, :func:`sharpen`-ed
+        by ``power`` (``train.cam_select_fallback_power``)."""
+        return sharpen(self.map("final", "min"), power)
+
 
 @torch.no_grad()
 def classify_tiles(net: SeCoNet, images: torch.Tensor, size: int, step: int) -> TileLogits:

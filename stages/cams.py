@@ -30,7 +30,7 @@ from seco_cli.params import Params, seed_cam_source
 from seco_cli.progress import Progress, Silent
 from seco_cli.shards import Shard
 from seco_cli.store import WriteBehind, open_writer
-from seco_cli.tiles import classify_tiles, sharpen
+from seco_cli.tiles import classify_tiles
 
 AUX = "aux"
 TILES = "tiles"  # a class whose seeds are the tile-logit map
@@ -81,9 +81,8 @@ def run(params: Params, prepared: Path, model: Path, out: Path, shard: Shard = S
                 final, aux = fused
                 seeds = torch.where(use_aux, aux, final)
                 if TILES in heads:
-                    tiles = sharpen(classify_tiles(inf.net, images.to(inf.device),
-                                                   tiling["size"], tiling["step"]
-                                                   ).map("final", "min"), tiling["power"])
+                    tiles = classify_tiles(inf.net, images.to(inf.device), tiling["size"],
+                                           tiling["step"]).fallback(tiling["power"])
                     seeds = torch.where(use_tiles, tiles, seeds)
             else:
                 seeds, aux = fused if cp.aux else (fused, None)

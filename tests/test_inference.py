@@ -500,7 +500,7 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
     recorded and sharpened by the power it recorded (none recorded: 1, the map as it was);
     the other classes keep their heads' CAMs."""
     import stages.cams as stage_mod
-    from seco_cli.tiles import classify_tiles
+    from seco_cli.tiles import TileLogits, classify_tiles
 
     ckpt = torch.load(case["model"], weights_only=True)
     n = ckpt["meta"]["num_classes"]
@@ -511,6 +511,8 @@ def test_cams_source_select_takes_a_tiles_class_from_the_tile_logit_map(case, tm
     calls = []
 
     class Ramp:  # the real tile logits, then a known map in place of their spread
+        fallback = TileLogits.fallback  # the real sharpening, of the ramp below
+
         def __init__(self, real):
             self.real = real
 
