@@ -98,7 +98,8 @@ class RunSpec:
 # runs keep their keys (a run with another value hashes it). Add one only with that proof
 # (for each of these: a clean-clone `dvc repro` gave every evaluate.json value unchanged).
 NEUTRAL_PARAMS = {("train", "cam_select_every"): 1, ("train", "cam_select_tile_power"): 1.0,
-                  ("train", "cam_select_fallback_power"): 1.0}
+                  ("train", "cam_select_fallback_power"): 1.0,
+                  ("train", "cam_select_tile_reference"): "sharpened"}
 
 
 def params_hash(params: Params) -> str:

@@ -351,21 +351,34 @@ def cam_sources(run: dict[str, Any]) -> dict[str, str] | None:
 
 def source_table(runs: Sequence[dict[str, Any]]) -> str | None:
     """Per preset and class, in how many runs the online CAM came from each source (A aux,
-    F final, T tiles; :func:`cam_sources`); None when no run selects its CAM heads."""
+    F final, T tiles; :func:`cam_sources`), and for the tiles, where the runs logged it
+    (``cam_since``, the trainer's own record), the iteration from which each run's class took
+    them; None when no run selects its CAM heads."""
     counts: dict[str, dict[str, Counter]] = {}
+    since: dict[tuple[str, str], list[int]] = {}
     for run in runs:
         found = cam_sources(run)
         if found:
             per = counts.setdefault(run["preset"], {})
+            logged = (run.get("train") or {}).get("cam_since") or {}
             for name, src in found.items():
                 per.setdefault(name, Counter())[src] += 1
+                if src == "tiles" and logged.get(name) is not None:
+                    since.setdefault((run["preset"], name), []).append(int(logged[name]))
     if not counts:
         return None
+
+    def cell(p: str, n: str) -> str:
+        if n not in counts[p]:
+            return "—"
+        text = " ".join(f"{src[0].upper()}{counts[p][n][src]}"
+                        for src in ("aux", "final", "tiles") if counts[p][n][src])
+        at = since.get((p, n))
+        return f"{text} (from {', '.join(map(str, sorted(at)))})" if at else text
+
     names = list(dict.fromkeys(n for per in counts.values() for n in per))
-    rows = [[p] + [" ".join(f"{src[0].upper()}{counts[p][n][src]}"
-                            for src in ("aux", "final", "tiles") if counts[p][n][src])
-                   if n in counts[p] else "—" for n in names] for p in _presets(counts)]
-    return md_table(["preset", *names], rows)
+    return md_table(["preset", *names], [[p] + [cell(p, n) for n in names]
+                                         for p in _presets(counts)])
 
 
 def found_table(agg: dict[str, dict[str, Stat]], pairs: Sequence[str]) -> str:
@@ -413,7 +426,8 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     sources = source_table(runs)
     if sources:
         parts += ["\n## Online CAM source per class at the end of training (runs: A aux head, "
-                  "F final head, T tile map)\n\n", sources]
+                  "F final head, T tile map; from: the iteration each run's class took the "
+                  "tiles, where logged)\n\n", sources]
     parts += ["\n## Goals (means over seeds)\n\n",
               md_table(["goal", "measured", "status"],
                        [[g["goal"], g["measured"], g["status"]] for g in goals])]

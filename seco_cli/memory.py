@@ -181,6 +181,8 @@ class CamHeads(nn.Module):
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.long))
         # the host's copy of use_tiles() as of the last observe(); None: not known yet
         self._host_tiles: list[bool] | None = None
+        # the statistic (2, C) and seen (C,) as the last observe() read them (host tensors)
+        self._host_rows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def stat(self) -> torch.Tensor:
@@ -206,8 +208,13 @@ class CamHeads(nn.Module):
 
     def use_aux(self, schedule_aux: bool) -> torch.Tensor:
         """(C,) bool: True where the class's CAM comes from the auxiliary head."""
-        aux, final = self.stat
-        tie = (aux == final) | (self.seen == 0)
+        return self._aux_rule(self.stat, self.seen, schedule_aux)
+
+    def _aux_rule(self, stat: torch.Tensor, seen: torch.Tensor, schedule_aux: bool
+                  ) -> torch.Tensor:
+        """:meth:`use_aux` of a statistic (2, C) and counts (C,), on the device or the host."""
+        aux, final = stat
+        tie = (aux == final) | (seen == 0)
         better = aux < final if self.rule == "area" else aux > final
         return torch.where(tie, torch.full_like(tie, schedule_aux), better)
 
@@ -237,9 +244,24 @@ class CamHeads(nn.Module):
         rows = torch.tensor(values, dtype=torch.float64).view(3, c)
         # the statistic's own dtype, so the floor compares as it does on the device; a host
         # tensor, read through numpy (no device read: bench/train_step counts Tensor reads)
-        self._host_tiles = self._tiles_rule(rows[:2].to(self.stat.dtype),
-                                            rows[2]).numpy().tolist()
+        self._host_rows = (rows[:2].to(self.stat.dtype), rows[2])
+        self._host_tiles = self._tiles_rule(*self._host_rows).numpy().tolist()
         return [list(values[:c]), list(values[c:2 * c])]
+
+    def observed_names(self, schedule_aux: bool) -> list[str]:
+        """:meth:`names` as of the last :meth:`observe`, from the host's copy (no device
+        read): what the trainer follows step by step to record when each class last changed
+        its source."""
+        if self._host_rows is None:
+            raise RuntimeError("observed_names() before observe()")
+        return self._names_of(*self._host_rows, schedule_aux)
+
+    def _names_of(self, stat: torch.Tensor, seen: torch.Tensor, schedule_aux: bool
+                  ) -> list[str]:
+        aux = self._aux_rule(stat, seen, schedule_aux).numpy().tolist()
+        tiles = self._tiles_rule(stat, seen).numpy().tolist()
+        return [self.TILES if t else self.HEADS[0] if a else self.HEADS[1]
+                for a, t in zip(aux, tiles, strict=True)]
 
     def may_use_tiles(self) -> bool:
         """False only when the host knows that no class takes the tile map (:meth:`observe`
@@ -259,7 +281,7 @@ class CamHeads(nn.Module):
 
     def forget_host_copy(self) -> None:
         """The statistic changed without :meth:`observe` (an update, a loaded state)."""
-        self._host_tiles = None
+        self._host_tiles = self._host_rows = None
 
     def _load_from_state_dict(self, *args, **kwargs):  # a loaded statistic: host copy stale
         self.forget_host_copy()
@@ -268,6 +290,4 @@ class CamHeads(nn.Module):
     def names(self, schedule_aux: bool) -> list[str]:
         """The source of each class, ``aux``, ``final`` or ``tiles`` (recorded in the trained
         model)."""
-        return [self.TILES if t else self.HEADS[0] if a else self.HEADS[1]
-                for a, t in zip(self.use_aux(schedule_aux).tolist(), self.use_tiles().tolist(),
-                                strict=True)]
+        return self._names_of(self.stat.detach().cpu(), self.seen.cpu(), schedule_aux)

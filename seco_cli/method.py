@@ -45,7 +45,7 @@ from seco_cli.tags import (
     sample_patch_boxes,
 )
 from seco_cli.teacher import EMATeacher
-from seco_cli.tiles import TileLogits, classify_tiles, pixel_agreement, sharpen
+from seco_cli.tiles import TileLogits, classify_tiles, tile_agreement
 
 IGNORE = 255
 
@@ -152,7 +152,8 @@ class SeCo(nn.Module):
                       valid: torch.Tensor | None) -> None:
         """One step of :class:`CamHeads`' statistic from both heads' normalised CAMs: the
         covered area (rule ``area``) or the agreement with the ``tiles`` (``agreement``; their
-        map sharpened by ``train.cam_select_tile_power``)."""
+        map sharpened by ``train.cam_select_tile_power``, and with
+        ``train.cam_select_tile_reference`` ``both`` the map itself too: :func:`tile_agreement`)."""
         tp = self.params.train
         if tiles is None:  # area: no tiles were classified
             inside = (torch.ones_like(final[:, 0]) if valid is None else valid.float())[:, None]
@@ -161,8 +162,8 @@ class SeCo(nn.Module):
                                   for c in (aux_cam, final)], 1)  # (B, 2, C)
             counts = labels
         else:
-            found = [pixel_agreement(c, sharpen(tiles.map(h, "mean"), tp.cam_select_tile_power),
-                                     valid)
+            found = [tile_agreement(c, tiles.map(h, "mean"), tp.cam_select_tile_power,
+                                    tp.cam_select_tile_reference, valid)
                      for c, h in ((aux_cam, "aux"), (final, "final"))]
             values = torch.stack([r for r, _ in found], 1)  # (B, 2, C)
             counts = labels * found[0][1] * found[1][1]  # labelled, both defined

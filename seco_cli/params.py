@@ -185,6 +185,11 @@ class TrainParams(_Section):
     # the image and raised to this power before the correlation (1 = the map itself; larger
     # weighs the tiles that find the class most, the object's own over a context that
     # carries the class alone, as the strict embedded data's water carries the boat).
+    # cam_select_tile_reference: `sharpened` = the statistic is the correlation with the
+    # sharpened map; `both` = the lower of that and the correlation with the map itself (a
+    # CAM must peak on the tiles finding the class most and stay low on those finding it
+    # less: a head spread onto a context the tiles score lower fails the second); the same
+    # at power 1.
     # cam_select_fallback_power: the same for the fallback's tile-min map, before it is
     # normalised into the class's CAM (1 = the map itself; larger narrows it to the tiles
     # that find the class most, the water's weaker "boat" tiles falling under the thresholds)
@@ -196,6 +201,7 @@ class TrainParams(_Section):
     cam_select_tile_step: int = Field(0, ge=0)
     cam_select_tile_power: float = Field(1.0, ge=1.0, le=64.0)
     cam_select_fallback_power: float = Field(1.0, ge=1.0, le=64.0)
+    cam_select_tile_reference: Literal["sharpened", "both"] = "sharpened"
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)

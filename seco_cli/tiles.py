@@ -130,3 +130,20 @@ def pixel_agreement(cam: torch.Tensor, ref: torch.Tensor, valid: torch.Tensor | 
     defined = (sxx / n > 1e-12) & (syy / n > 1e-12)
     r = torch.where(defined, sxy / (sxx * syy).sqrt().clamp(min=1e-300), torch.zeros_like(sxy))
     return r.clamp(-1.0, 1.0).float(), defined
+
+
+def tile_agreement(cam: torch.Tensor, tile_map: torch.Tensor, power: float, reference: str,
+                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A head's agreement with its tile-logit map (``train.cam_select``'s statistic): the
+    :func:`pixel_agreement` of ``cam`` with ``tile_map`` :func:`sharpen`-ed by ``power``
+    (``reference`` ``sharpened``), or the lower of that and the agreement with the map itself
+    (``both``: the CAM must rise on the tiles that find the class most *and* stay low on the
+    tiles that find it less, a context that never comes alone among them). (r (B, C),
+    defined (B, C)); at ``power`` 1 both references are the same map."""
+    if reference not in ("sharpened", "both"):
+        raise ValueError(f"unknown tile reference {reference!r}")
+    r, defined = pixel_agreement(cam, sharpen(tile_map, power), valid)
+    if reference == "both" and power != 1.0:
+        plain, plain_defined = pixel_agreement(cam, tile_map, valid)
+        r, defined = torch.minimum(r, plain), defined & plain_defined
+    return r, defined

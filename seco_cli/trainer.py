@@ -145,6 +145,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, params)
         self.sched = Schedules.build(tp)
         self.iteration = 0
+        # train.cam_select: each class's CAM source as of the last step, and the iteration
+        # from which it has held it (None: no step yet, or the schedule)
+        self.cam_sources: list[str] | None = None
+        self.cam_since: list[int] | None = None
         self.world, self.rank = distributed.world_size(), distributed.rank()
         check_reservoir_capacity(tp, self.sched, self.world)
         self.losses = (self.method.losses if self.world == 1
@@ -187,6 +191,8 @@ class Trainer:
         values = (scalars if head_stat is None else torch.cat([scalars, head_stat])).tolist()
         values, head_values = values[:len(scalars)], values[len(scalars):]
         head_rows = heads.observe(head_values) if heads is not None else []
+        if heads is not None:  # the sources this step's online CAM took (no device read)
+            self._follow_sources(heads.observed_names(it < self.params.train.cam2mask), it)
         term_values = dict(zip(terms, values, strict=False))
         bad = [name for name, value in term_values.items() if not math.isfinite(value)]
         if distributed.any_rank(bool(bad)):  # every rank stops, none waits in backward
@@ -213,6 +219,17 @@ class Trainer:
                                for name, a in zip(names, row, strict=True)})
         return logged
 
+    def _follow_sources(self, names: list[str], it: int) -> None:
+        """Keep, per class, the iteration from which it has taken its current CAM source
+        (``aux``, ``final``, ``tiles``): when the class last switched, e.g. to the tiles."""
+        if self.cam_sources is None or self.cam_since is None:
+            self.cam_sources, self.cam_since = list(names), [it] * len(names)
+            return
+        for i, (was, now) in enumerate(zip(self.cam_sources, names, strict=True)):
+            if was != now:
+                self.cam_since[i] = it
+        self.cam_sources = list(names)
+
     # ------------------------------------------------------------------ state
     def state(self) -> dict[str, Any]:
         """Everything exact resumption needs. Identical on every rank (weights, optimiser,
@@ -223,6 +240,8 @@ class Trainer:
             "iteration": self.iteration,
             "torch_rng": torch.get_rng_state(),
             "world_size": self.world,
+            "cam_sources": self.cam_sources,
+            "cam_since": self.cam_since,
             "meta": self.meta,
         }
 
@@ -236,6 +255,8 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.iteration = int(ckpt["iteration"])
         torch.set_rng_state(ckpt["torch_rng"])
+        # checkpoints before they were kept: followed afresh from the next step
+        self.cam_sources, self.cam_since = ckpt.get("cam_sources"), ckpt.get("cam_since")
 
     def final(self) -> dict[str, Any]:
         meta = dict(self.meta)
@@ -244,6 +265,8 @@ class Trainer:
             schedule_aux = self.iteration <= self.params.train.cam2mask
             meta["cam_heads"] = heads.names(schedule_aux)
             meta[f"cam_head_{heads.rule}"] = heads.stat.tolist()
+            if self.cam_since is not None:  # per class, the iteration its source began
+                meta["cam_heads_since"] = list(self.cam_since)
             if heads.rule == "agreement":  # the tile map of a `tiles` class (cams stage)
                 meta["cam_tiles"] = {"size": self.params.train.patch_size,
                                      "step": self.params.train.tile_step,

@@ -64,6 +64,11 @@ def _run(params: Params, data: PreparedDataset, device: torch.device, model_out:
         trainer = train(params, data, device, meta, ckpt_dir, resume, log, tick)
         for _ in ticks:  # let the bar reach its end
             pass
+        if main and trainer.cam_since is not None:  # train.cam_select: when each class's
+            # CAM source (the model's meta cam_heads) began, e.g. its switch to the tiles
+            for name, since in zip(data.classes[1:], trainer.cam_since, strict=True):
+                live.log_metric(f"cam_since/{name}", since, plot=False)
+                last[f"cam_since/{name}"] = since
         if main and trainer.sched.uses_teacher:  # the prototypes were trained (L_iG, L_iL)
             pairs = [(p.victim, p.partner) for p in params.evaluate.pairs]
             for name, value in prototype_pair_similarity(

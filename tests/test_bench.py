@@ -225,6 +225,13 @@ def test_source_table_counts_each_classes_cam_source_by_the_heads_rule():
     assert lines[1:] == ["| baseline | F1 | F1 |", "| no_lig | A1 | F1 |",
                          "| seco | A1 F1 | A1 T1 |"]
     assert "## Online CAM source" not in qr.render([_run("seco", 0, 0.5)], "")
+    # the trainer's record of when a class took the tiles, shown for the tiles only
+    runs[0]["train"]["cam_since"] = {"b": 0, "p": 410}
+    runs[1]["train"]["cam_since"] = {"b": 120, "p": 0}
+    runs.append(run("seco", 2, "agreement", (0.5, 0.2), (0.4, 0.1)))
+    runs[-1]["train"]["cam_since"] = {"b": 0, "p": 265}
+    table = qr.render(runs, "").split("## Online CAM source")[1].split("\n## ")[0]
+    assert "| seco | A2 F1 | A1 T2 (from 265, 410) |" in table.splitlines()
 
 
 def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():
@@ -282,8 +289,9 @@ def test_params_hash_leaves_out_a_param_added_later_at_its_neutral_value():
     h = quality.params_hash(plain)
     assert h == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:12]
     for (section, key), value in quality.NEUTRAL_PARAMS.items():
+        other = "both" if value == "sharpened" else value + 3  # any other valid value
         assert quality.params_hash(load_params(ROOT / "params.yaml",
-                                               [*neutral, f"{section}.{key}={value + 3}"])) != h
+                                               [*neutral, f"{section}.{key}={other}"])) != h
     assert quality.params_hash(load_params(ROOT / "params.yaml", ["train.seed=5"])) != h
 
 

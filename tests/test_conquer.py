@@ -427,14 +427,17 @@ def test_cam_heads_agreement_picks_the_agreeing_head_and_falls_back_to_tiles():
         CamHeads(4, "size")
 
 
-@pytest.mark.parametrize("floor,fallback,power,fpower", [
-    (-1.0, "tiles", 1.0, 1.0), (1.0, "tiles", 1.0, 1.0), (1.0, "none", 1.0, 1.0),
-    (-1.0, "tiles", 8.0, 1.0), (1.0, "tiles", 1.0, 4.0), (1.0, "none", 1.0, 4.0)])
-def test_online_cam_with_agreement_selection(floor, fallback, power, fpower):
+@pytest.mark.parametrize("floor,fallback,power,fpower,reference", [
+    (-1.0, "tiles", 1.0, 1.0, "sharpened"), (1.0, "tiles", 1.0, 1.0, "sharpened"),
+    (1.0, "none", 1.0, 1.0, "sharpened"), (-1.0, "tiles", 8.0, 1.0, "sharpened"),
+    (-1.0, "tiles", 8.0, 1.0, "both"), (1.0, "tiles", 1.0, 4.0, "sharpened"),
+    (1.0, "none", 1.0, 4.0, "sharpened")])
+def test_online_cam_with_agreement_selection(floor, fallback, power, fpower, reference):
     """Both heads' CAMs and the tile-logit maps from the same images: the statistic is each
-    head's pixel agreement with its own tile map (sharpened by cam_select_tile_power), each
-    class takes the head it picks, and a class under the floor (1.0: every seen class) takes
-    the final head's tile-min map, sharpened by cam_select_fallback_power."""
+    head's pixel agreement with its own tile map (sharpened by cam_select_tile_power; with
+    cam_select_tile_reference both, the lower of that and the plain map's), each class takes
+    the head it picks, and a class under the floor (1.0: every seen class) takes the final
+    head's tile-min map, sharpened by cam_select_fallback_power."""
     from seco_cli.cams import fuse_cams, normalise_cams
     from seco_cli.method import SeCo
     from seco_cli.tiles import classify_tiles, pixel_agreement, sharpen
@@ -444,7 +447,8 @@ def test_online_cam_with_agreement_selection(floor, fallback, power, fpower):
     p = tiny_params("train.cam_select=agreement", f"train.cam_select_min_agreement={floor}",
                     f"train.cam_select_fallback={fallback}", "train.patch_size=16",
                     f"train.cam_select_tile_power={power}",
-                    f"train.cam_select_fallback_power={fpower}")
+                    f"train.cam_select_fallback_power={fpower}",
+                    f"train.cam_select_tile_reference={reference}")
     method = SeCo(p, 6)
     method.eval()
     images = torch.randn(2, 3, 48, 48)
@@ -457,9 +461,13 @@ def test_online_cam_with_agreement_selection(floor, fallback, power, fpower):
     tiles = classify_tiles(method.net, images, 16, 8)
     r_aux, d_aux = pixel_agreement(aux, sharpen(tiles.map("aux", "mean"), power), valid)
     r_final, d_final = pixel_agreement(final, sharpen(tiles.map("final", "mean"), power), valid)
+    plain_aux, _ = pixel_agreement(aux, tiles.map("aux", "mean"), valid)
+    plain, _ = pixel_agreement(final, tiles.map("final", "mean"), valid)
     if power != 1.0:  # the power changes the statistic
-        plain, _ = pixel_agreement(final, tiles.map("final", "mean"), valid)
         assert not torch.allclose(plain[d_final], r_final[d_final], atol=1e-3)
+    if reference == "both":  # the lower of the sharpened and the plain map's agreement
+        assert (plain[d_final] < r_final[d_final]).any()  # the plain bound binds here
+        r_aux, r_final = torch.minimum(r_aux, plain_aux), torch.minimum(r_final, plain)
     counted = labels.bool() & d_aux & d_final
     assert method.cam_heads.seen.tolist() == counted.sum(0).tolist()
     for c in range(6):  # the first sighting: the mean over the images where it counts
@@ -494,8 +502,12 @@ def test_cam_heads_host_copy_of_the_fallback_follows_readout_and_observe():
     assert heads.may_use_tiles()  # changed since the last observe
     values = heads.readout().tolist()
     assert values == [*heads.agreement.double().flatten().tolist(), 1.0, 1.0, 0.0]
+    with pytest.raises(RuntimeError, match="before observe"):
+        heads.observed_names(True)
     rows = heads.observe(values)
     assert rows == [heads.agreement[0].double().tolist(), heads.agreement[1].double().tolist()]
+    for schedule_aux in (True, False):  # the host copy's sources are the device's
+        assert heads.observed_names(schedule_aux) == heads.names(schedule_aux)
     assert not heads.use_tiles().any() and not heads.may_use_tiles()
     heads.update(torch.tensor([[[0.0, 0.0, 0.1], [0.0, 0.0, 0.2]]]),
                  torch.tensor([[0.0, 0.0, 1.0]]), momentum=0.9)  # class 2: under the floor

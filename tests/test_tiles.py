@@ -13,6 +13,7 @@ from seco_cli.tiles import (
     pixel_agreement,
     place,
     sharpen,
+    tile_agreement,
     tile_starts,
     tiles_of,
 )
@@ -124,3 +125,25 @@ def test_sharpened_tiles_tell_a_cam_on_the_context_from_one_on_the_object():
     sharp = [float(pixel_agreement(cam, sharpen(ref, 8.0))[0]) for cam in (water, boat)]
     assert plain[0] > 0.3 and plain[0] > plain[1]
     assert sharp[0] < 0.0 and sharp[1] > 0.9
+
+
+def test_tile_agreement_both_is_the_lower_of_the_sharpened_and_the_plain_correlation():
+    """``both``: per image and class the lower of the two correlations, defined where both
+    are; at power 1 the two references are one map; ``sharpened`` is the sharpened alone."""
+    torch.manual_seed(1)
+    cam, ref = torch.rand(3, 4, 8, 8), torch.rand(3, 4, 8, 8) * 5
+    ref[0, 1] = 2.0  # a constant map: undefined under both references
+    valid = torch.ones(3, 8, 8, dtype=torch.bool)
+    valid[2, :, 5:] = False
+    plain = pixel_agreement(cam, ref, valid)
+    sharp = pixel_agreement(cam, sharpen(ref, 6.0), valid)
+    r, defined = tile_agreement(cam, ref, 6.0, "both", valid)
+    assert torch.equal(r, torch.minimum(plain[0], sharp[0]))
+    assert torch.equal(defined, plain[1] & sharp[1]) and not defined[0, 1]
+    assert (r < sharp[0]).any() and (r < plain[0]).any()  # each bound binds somewhere
+    for got, want in ((tile_agreement(cam, ref, 6.0, "sharpened", valid), sharp),
+                      (tile_agreement(cam, ref, 1.0, "both", valid), plain)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match="unknown tile reference"):
+        tile_agreement(cam, ref, 6.0, "plain")
+

@@ -122,8 +122,12 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
         assert len(meta["cam_heads"]) == data.num_classes
         assert set(meta["cam_heads"]) <= {"aux", "final", "tiles"}
         assert len(meta[f"cam_head_{select}"]) == 2
+        # when each class's source began: kept across the resume, recorded in the model
+        assert resumed.cam_sources == full.cam_sources == meta["cam_heads"]
+        assert resumed.cam_since == full.cam_since == meta["cam_heads_since"]
+        assert all(0 <= it < 6 for it in meta["cam_heads_since"])
     else:
-        assert "cam_heads" not in meta
+        assert "cam_heads" not in meta and "cam_heads_since" not in meta
     assert ("cam_tiles" in meta) == (select == "agreement")
     # the live log holds each head's EMA per class (area or agreement), with selection only
     stats = {k: v for k, v in logs[-1].items() if k.startswith("cam_")}
@@ -164,14 +168,29 @@ def test_cam_select_every_steps_the_statistic_on_its_iterations_only(
                            tiny.model.crop_size, tp.scale_range, tiny.data.mean, tiny.data.std)
     heads = trainer.method.cam_heads
     changed = []
+    first_seen: dict[int, int] = {}
     for it, batch in enumerate(train_loader(samples, 0, tp.iterations, 0)):
         it_now["it"] = it
         before = heads.seen.clone(), heads.agreement.clone()
         trainer.step(batch, it)
         if not (torch.equal(before[0], heads.seen) and torch.equal(before[1], heads.agreement)):
             changed.append(it)
+        for c in heads.seen.nonzero().flatten().tolist():
+            first_seen.setdefault(c, it)
     assert changed == [it for it in range(tp.contrast_start, tp.iterations) if it % every == 0]
     assert tiled == tile_steps
+    # the trainer's record of each class's source and the iteration it began: under a floor
+    # of 1.0 a class takes the tiles at its first update; an unseen one follows the schedule
+    # (auxiliary head, the final one from cam2mask)
+    if floor == 1.0:
+        assert first_seen
+        for c, (src, since) in enumerate(zip(trainer.cam_sources, trainer.cam_since,
+                                             strict=True)):
+            if c in first_seen:
+                assert (src, since) == ("tiles", first_seen[c]), c
+            else:
+                assert (src, since) == ("final", tp.cam2mask), c
+    assert trainer.cam_sources == heads.names(tp.iterations <= tp.cam2mask)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,
