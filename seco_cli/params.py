@@ -186,10 +186,9 @@ class TrainParams(_Section):
     # weighs the tiles that find the class most, the object's own over a context that
     # carries the class alone, as the strict embedded data's water carries the boat).
     # cam_select_tile_reference: `sharpened` = the statistic is the correlation with the
-    # sharpened map; `both` = the lower of that and the correlation with the map itself (a
-    # CAM must peak on the tiles finding the class most and stay low on those finding it
-    # less: a head spread onto a context the tiles score lower fails the second); the same
-    # at power 1.
+    # sharpened map; `both` = the lower of that and the correlation with the map itself (the
+    # sharpened map weighs a CAM's peak on the tiles finding the class most, the map itself
+    # also its level on the tiles finding it less); the two are one at power 1.
     # cam_select_fallback_power: the same for the fallback's tile-min map, before it is
     # normalised into the class's CAM (1 = the map itself; larger narrows it to the tiles
     # that find the class most, the water's weaker "boat" tiles falling under the thresholds)

@@ -137,9 +137,9 @@ def tile_agreement(cam: torch.Tensor, tile_map: torch.Tensor, power: float, refe
     """A head's agreement with its tile-logit map (``train.cam_select``'s statistic): the
     :func:`pixel_agreement` of ``cam`` with ``tile_map`` :func:`sharpen`-ed by ``power``
     (``reference`` ``sharpened``), or the lower of that and the agreement with the map itself
-    (``both``: the CAM must rise on the tiles that find the class most *and* stay low on the
-    tiles that find it less, a context that never comes alone among them). (r (B, C),
-    defined (B, C)); at ``power`` 1 both references are the same map."""
+    (``both``: the sharpened map weighs the CAM's peak on the tiles that find the class most,
+    the map itself also its level on the tiles that find it less; a head must pass both).
+    (r (B, C), defined (B, C)); at ``power`` 1 both references are the same map."""
     if reference not in ("sharpened", "both"):
         raise ValueError(f"unknown tile reference {reference!r}")
     r, defined = pixel_agreement(cam, sharpen(tile_map, power), valid)
