@@ -50,7 +50,7 @@ from seco_cli.data.transforms import resize_square, to_tensor  # noqa: E402
 from seco_cli.inference import load_model  # noqa: E402
 from seco_cli.metrics import ConfusionMatrix  # noqa: E402
 from seco_cli.params import load_params  # noqa: E402
-from seco_cli.tiles import pixel_agreement, place, sharpen, spread_logits, tiles_of  # noqa: E402
+from seco_cli.tiles import place, spread_logits, tile_agreement, tiles_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_OUT = "artifacts/train/model.pt"
@@ -129,8 +129,9 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
                for i in chunk]
         per_head = maps(net, images, params.train.cam_scales, params.train.patch_size)
         for head, found in per_head.items():
-            tile_map = sharpen(found["tile-logit-mean"], params.train.cam_select_tile_power)
-            for (_, c), r in agreement(found["image"], tile_map, labels).items():
+            for (_, c), r in agreement(found["image"], found["tile-logit-mean"], labels,
+                                       params.train.cam_select_tile_power,
+                                       params.train.cam_select_tile_reference).items():
                 agree.setdefault((head, c), []).append(r)
             for variant, cam in found.items():
                 cam = normalise_cams(cam, labels)
@@ -139,7 +140,8 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
                     for g, p in zip(gts, pred, strict=True):
                         cms[head, variant, b].update(g.astype(np.int64), p)
     result: dict[str, dict] = {"heads": {}, "agreement": {},
-                               "tile_power": params.train.cam_select_tile_power}
+                               "tile_power": params.train.cam_select_tile_power,
+                               "tile_reference": params.train.cam_select_tile_reference}
     for (head, variant, b), cm in cms.items():
         iou = cm.compute()["iou"]
         present = cm.mat.sum(1) > 0
@@ -153,13 +155,15 @@ def measure(model: Path, params, data: PreparedDataset, ids: list[str], bkgs: li
     return result
 
 
-def agreement(cam: torch.Tensor, tiles: torch.Tensor, labels: torch.Tensor
-              ) -> dict[tuple[int, int], float]:
+def agreement(cam: torch.Tensor, tiles: torch.Tensor, labels: torch.Tensor,
+              power: float = 1.0, reference: str = "sharpened") -> dict[tuple[int, int], float]:
     """Per (image, class) of ``labels``: the Pearson correlation over pixels between the
-    image's CAM and its tile-logit map (:func:`seco_cli.tiles.pixel_agreement`) — does the
-    whole-image CAM rise where the tiles, each classified alone, find the class? (A
-    label-free sign of an inverted head.) Pairs where either map is constant are left out."""
-    r, defined = pixel_agreement(cam, tiles)
+    image's CAM and its tile-logit map — does the whole-image CAM rise where the tiles, each
+    classified alone, find the class? (A label-free sign of an inverted head.) The map is
+    sharpened by ``power`` and compared as the trainer's statistic does
+    (:func:`seco_cli.tiles.tile_agreement`, ``reference``). Pairs where either map is
+    constant are left out."""
+    r, defined = tile_agreement(cam, tiles, power, reference)
     return {(b, c): float(r[b, c]) for b, c in labels.nonzero().tolist() if defined[b, c]}
 
 
@@ -180,6 +184,9 @@ def render(runs: dict[str, dict], classes: list[str], head: dict) -> str:
         power = run["result"].get("tile_power", 1.0)  # runs stored before it: 1
         sharpened = (f", divided by its maximum and raised to the power {power:g} "
                      "(`train.cam_select_tile_power`)" if power != 1.0 else "")
+        if power != 1.0 and run["result"].get("tile_reference") == "both":
+            sharpened += (", the lower of that and the plain map's "
+                          "(`train.cam_select_tile_reference: both`)")
         lines.append(f"\nCorrelation of the image CAM with the tile-logit map{sharpened} (mean "
                      "over the class's images; negative: the CAM falls where the tiles find "
                      "the class)\n\n")

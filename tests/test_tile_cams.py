@@ -99,6 +99,17 @@ def test_the_command_measures_every_head_and_map(tmp_path, prepared):
     assert sharp["tile_power"] == 8.0
     assert "raised to the power 8 (`train.cam_select_tile_power`)" in (
         results.with_suffix(".md").read_text())
+    # and as the trainer's `both` reference sees it: never above the sharpened map's alone
+    assert tc.main(["--model", str(model), "--prepared", str(prepared), "--images", "2",
+                    "--batch", "2", "--results", str(results), *sets,
+                    "--set", "train.cam_select_tile_power=8",
+                    "--set", "train.cam_select_tile_reference=both"]) == 0
+    both = json.loads(results.read_text())["runs"][str(model)]["result"]
+    assert both["tile_reference"] == "both"
+    assert "(`train.cam_select_tile_reference: both`)" in results.with_suffix(".md").read_text()
+    for head, per_class in both["agreement"].items():
+        for name, r in per_class.items():
+            assert r["mean_r"] <= sharp["agreement"][head][name]["mean_r"] + 1e-6, (head, name)
 
 
 
