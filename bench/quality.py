@@ -99,7 +99,8 @@ class RunSpec:
 # (for each of these: a clean-clone `dvc repro` gave every evaluate.json value unchanged).
 NEUTRAL_PARAMS = {("train", "cam_select_every"): 1, ("train", "cam_select_tile_power"): 1.0,
                   ("train", "cam_select_fallback_power"): 1.0,
-                  ("train", "cam_select_tile_reference"): "sharpened"}
+                  ("train", "cam_select_tile_reference"): "sharpened",
+                  ("train", "cam_select_hysteresis"): 0.0}
 
 
 def params_hash(params: Params) -> str:

@@ -155,7 +155,10 @@ class CamHeads(nn.Module):
     - ``agreement``: the correlation over the image's pixels between the head's CAM and its
       own tiles' logits (:mod:`seco_cli.tiles`); the *larger* wins. When neither head reaches
       ``min_agreement`` and ``fallback`` is ``tiles``, the class takes the final head's
-      tile-logit map instead (``tiles``): no CAM of that class can be trusted.
+      tile-logit map instead (``tiles``): no CAM of that class can be trusted. With a
+      ``hysteresis`` h > 0 a class on the tiles leaves them only once a head reaches
+      ``min_agreement + h`` (buffer ``held``: the classes on the tiles as of the last update),
+      so a statistic wavering around the floor does not flip the class's labels step by step.
 
     Ties, and classes not seen yet, go to the schedule's head. Row 0 of the statistic is the
     auxiliary head, row 1 the final one; its buffer is named after the rule (``area`` or
@@ -172,17 +175,20 @@ class CamHeads(nn.Module):
     seen: torch.Tensor  # (C,) long, images seen per class
 
     def __init__(self, num_classes: int, rule: str = "area", min_agreement: float = 0.3,
-                 fallback: str = "none"):
+                 fallback: str = "none", hysteresis: float = 0.0):
         super().__init__()
         if rule not in ("area", "agreement"):
             raise ValueError(f"unknown CAM head rule {rule!r}")
+        if hysteresis < 0:
+            raise ValueError(f"CAM head hysteresis must be >= 0, got {hysteresis}")
         self.rule, self.min_agreement, self.fallback = rule, min_agreement, fallback
+        self.hysteresis = hysteresis
         self.register_buffer(rule, torch.zeros(2, num_classes))  # (2, C) float, the EMA
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.long))
-        # the host's copy of use_tiles() as of the last observe(); None: not known yet
-        self._host_tiles: list[bool] | None = None
-        # the statistic (2, C) and seen (C,) as the last observe() read them (host tensors)
-        self._host_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.register_buffer("held", torch.zeros(num_classes, dtype=torch.bool))
+        # the statistic (2, C), seen (C,) and held (C,) as the last observe() read them (host
+        # tensors); None: not known yet
+        self._host_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def stat(self) -> torch.Tensor:
@@ -204,6 +210,7 @@ class CamHeads(nn.Module):
         ema = momentum * stat + (1.0 - momentum) * mean
         stat.copy_(torch.where(first, mean, torch.where(has, ema, stat)))
         self.seen += n.long()
+        self.held.copy_(self.use_tiles())
         self.forget_host_copy()
 
     def use_aux(self, schedule_aux: bool) -> torch.Tensor:
@@ -220,32 +227,38 @@ class CamHeads(nn.Module):
 
     def use_tiles(self) -> torch.Tensor:
         """(C,) bool: True where the class takes the tile-logit map (``agreement`` with
-        fallback ``tiles``, seen, and neither head reaching ``min_agreement``)."""
-        return self._tiles_rule(self.stat, self.seen)
+        fallback ``tiles``, seen, and neither head reaching ``min_agreement``, or, for a class
+        ``held`` on the tiles, ``min_agreement + hysteresis``)."""
+        return self._tiles_rule(self.stat, self.seen, self.held)
 
-    def _tiles_rule(self, stat: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        """:meth:`use_tiles` of a statistic (2, C) float32 and counts (C,): on the device's
-        tensors or on the host's copy of them."""
+    def _tiles_rule(self, stat: torch.Tensor, seen: torch.Tensor, held: torch.Tensor
+                    ) -> torch.Tensor:
+        """:meth:`use_tiles` of a statistic (2, C) float32, counts (C,) and held (C,) bool: on
+        the device's tensors or on the host's copy of them. Applied to its own result it gives
+        that result again, so a class's source between updates is the one the update set."""
         if self.rule != "agreement" or self.fallback != self.TILES:
             return torch.zeros_like(seen, dtype=torch.bool)
-        return (seen > 0) & (stat.max(0).values < self.min_agreement)
+        best = stat.max(0).values
+        stay = held & (best < self.min_agreement + self.hysteresis)
+        return (seen > 0) & ((best < self.min_agreement) | stay)
 
     def readout(self) -> torch.Tensor:
-        """(3·C,) float64 on the device: the statistic's rows, then ``seen``: what
+        """(4·C,) float64 on the device: the statistic's rows, ``seen``, then ``held``: what
         :meth:`observe` takes back once the caller has read it (in its one read per step)."""
-        return torch.cat([self.stat.detach().double().flatten(), self.seen.double()])
+        return torch.cat([self.stat.detach().double().flatten(), self.seen.double(),
+                          self.held.double()])
 
     def observe(self, values: Sequence[float]) -> list[list[float]]:
         """Take back :meth:`readout`'s values as read on the host: keeps the host's copy of
-        :meth:`use_tiles` and returns the statistic's rows (auxiliary, final) for logging."""
+        the statistic (for :meth:`may_use_tiles`, :meth:`tile_images`,
+        :meth:`observed_names`) and returns its rows (auxiliary, final) for logging."""
         c = self.seen.shape[0]
-        if len(values) != 3 * c:
-            raise ValueError(f"expected {3 * c} values (CamHeads.readout), got {len(values)}")
-        rows = torch.tensor(values, dtype=torch.float64).view(3, c)
+        if len(values) != 4 * c:
+            raise ValueError(f"expected {4 * c} values (CamHeads.readout), got {len(values)}")
+        rows = torch.tensor(values, dtype=torch.float64).view(4, c)
         # the statistic's own dtype, so the floor compares as it does on the device; a host
         # tensor, read through numpy (no device read: bench/train_step counts Tensor reads)
-        self._host_rows = (rows[:2].to(self.stat.dtype), rows[2])
-        self._host_tiles = self._tiles_rule(*self._host_rows).numpy().tolist()
+        self._host_rows = (rows[:2].to(self.stat.dtype), rows[2], rows[3] > 0)
         return [list(values[:c]), list(values[c:2 * c])]
 
     def observed_names(self, schedule_aux: bool) -> list[str]:
@@ -256,38 +269,48 @@ class CamHeads(nn.Module):
             raise RuntimeError("observed_names() before observe()")
         return self._names_of(*self._host_rows, schedule_aux)
 
-    def _names_of(self, stat: torch.Tensor, seen: torch.Tensor, schedule_aux: bool
-                  ) -> list[str]:
+    def _names_of(self, stat: torch.Tensor, seen: torch.Tensor, held: torch.Tensor,
+                  schedule_aux: bool) -> list[str]:
         aux = self._aux_rule(stat, seen, schedule_aux).numpy().tolist()
-        tiles = self._tiles_rule(stat, seen).numpy().tolist()
+        tiles = self._tiles_rule(stat, seen, held).numpy().tolist()
         return [self.TILES if t else self.HEADS[0] if a else self.HEADS[1]
                 for a, t in zip(aux, tiles, strict=True)]
+
+    def _host_tiles(self) -> list[bool] | None:
+        """:meth:`use_tiles` from the host's copy of the last :meth:`observe`; None: unknown."""
+        return (None if self._host_rows is None
+                else self._tiles_rule(*self._host_rows).numpy().tolist())
 
     def may_use_tiles(self) -> bool:
         """False only when the host knows that no class takes the tile map (:meth:`observe`
         since the statistic last changed); True when one may, or when it is not known."""
-        return self._host_tiles is None or any(self._host_tiles)
+        tiles = self._host_tiles()
+        return tiles is None or any(tiles)
 
     def tile_images(self, labels: Sequence[Sequence[float]] | None) -> list[int] | None:
         """Between updates, the images (rows of the host's ``labels``) whose tiles must be
         classified: those showing a class that takes the tile map. None: every image (the
         host copy or the labels are not known); empty: none."""
-        if not self.may_use_tiles():
+        tiles = self._host_tiles()
+        if tiles is not None and not any(tiles):
             return []
-        if self._host_tiles is None or labels is None:
+        if tiles is None or labels is None:
             return None
         return [i for i, row in enumerate(labels)
-                if any(v > 0 and t for v, t in zip(row, self._host_tiles, strict=True))]
+                if any(v > 0 and t for v, t in zip(row, tiles, strict=True))]
 
     def forget_host_copy(self) -> None:
         """The statistic changed without :meth:`observe` (an update, a loaded state)."""
-        self._host_tiles = self._host_rows = None
+        self._host_rows = None
 
-    def _load_from_state_dict(self, *args, **kwargs):  # a loaded statistic: host copy stale
-        self.forget_host_copy()
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.forget_host_copy()  # a loaded statistic: the host copy is stale
+        # a state saved before `held` existed: no class held (its use_tiles is unchanged)
+        state_dict.setdefault(prefix + "held", torch.zeros_like(self.held))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def names(self, schedule_aux: bool) -> list[str]:
         """The source of each class, ``aux``, ``final`` or ``tiles`` (recorded in the trained
         model)."""
-        return self._names_of(self.stat.detach().cpu(), self.seen.cpu(), schedule_aux)
+        return self._names_of(self.stat.detach().cpu(), self.seen.cpu(), self.held.cpu(),
+                              schedule_aux)

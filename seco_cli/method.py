@@ -80,7 +80,7 @@ class SeCo(nn.Module):
         # per-class CAM head statistics, only where selected (the SPEC's state dict otherwise)
         self.cam_heads = (None if tp.cam_select == "schedule" else
                           CamHeads(num_classes, tp.cam_select, tp.cam_select_min_agreement,
-                                   tp.cam_select_fallback))
+                                   tp.cam_select_fallback, tp.cam_select_hysteresis))
 
     def _student_encoder(self) -> nn.ModuleDict:
         return nn.ModuleDict({"backbone": self.net.backbone, "proj": self.proj})

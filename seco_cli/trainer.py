@@ -222,12 +222,11 @@ class Trainer:
     def _follow_sources(self, names: list[str], it: int) -> None:
         """Keep, per class, the iteration from which it has taken its current CAM source
         (``aux``, ``final``, ``tiles``): when the class last switched, e.g. to the tiles."""
-        if self.cam_sources is None or self.cam_since is None:
+        if self.cam_sources is None:  # set together with cam_since
             self.cam_sources, self.cam_since = list(names), [it] * len(names)
             return
-        for i, (was, now) in enumerate(zip(self.cam_sources, names, strict=True)):
-            if was != now:
-                self.cam_since[i] = it
+        self.cam_since = [it if was != now else since for was, now, since in
+                          zip(self.cam_sources, names, self.cam_since, strict=True)]
         self.cam_sources = list(names)
 
     # ------------------------------------------------------------------ state

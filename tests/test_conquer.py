@@ -427,6 +427,49 @@ def test_cam_heads_agreement_picks_the_agreeing_head_and_falls_back_to_tiles():
         CamHeads(4, "size")
 
 
+def test_cam_heads_hysteresis_keeps_a_class_on_the_tiles_until_a_head_clears_the_margin():
+    """train.cam_select_hysteresis: a class enters the tiles under min_agreement, and leaves
+    them only once a head reaches min_agreement + hysteresis; 0 is the plain floor. The held
+    set is state: a class absent from a batch keeps it, a checkpoint carries it, and a state
+    saved before it existed loads with no class held."""
+    from seco_cli.memory import CamHeads
+
+    best = [0.5, 0.2, 0.35, 0.38, 0.45, 0.35]  # class 0's better head, update by update
+    for hysteresis, want in ((0.0, [False, True, False, False, False, False]),
+                             (0.1, [False, True, True, True, False, False])):
+        heads = CamHeads(2, "agreement", min_agreement=0.3, fallback="tiles",
+                         hysteresis=hysteresis)
+        got = []
+        for b in best:  # momentum 0: the statistic is the batch's; the aux head is worse
+            heads.update(torch.tensor([[[b - 0.3, 0.9], [b, 0.9]]]),
+                         torch.tensor([[1.0, 1.0]]), momentum=0.0)
+            got.append(bool(heads.use_tiles()[0]))
+            assert heads.held.tolist() == heads.use_tiles().tolist()
+            assert heads.names(True)[0] == ("tiles" if got[-1] else "final")
+            heads.observe(heads.readout().tolist())  # the host copy decides alike
+            assert heads.observed_names(True) == heads.names(True)
+            assert heads.may_use_tiles() == got[-1]
+        assert got == want, hysteresis
+    heads = CamHeads(2, "agreement", min_agreement=0.3, fallback="tiles", hysteresis=0.1)
+    heads.update(torch.tensor([[[0.0, 0.9], [0.2, 0.9]]]), torch.ones(1, 2), momentum=0.0)
+    heads.update(torch.tensor([[[0.0, 0.0], [0.0, 0.0]]]), torch.tensor([[0.0, 1.0]]),
+                 momentum=0.0)  # class 0 absent: its statistic and its hold stay
+    assert heads.use_tiles().tolist() == [True, True]
+    heads.update(torch.tensor([[[0.0, 0.35], [0.0, 0.0]]]), torch.tensor([[0.0, 1.0]]),
+                 momentum=0.0)  # class 1 was held: 0.35 < 0.4 keeps it on the tiles
+    assert heads.use_tiles().tolist() == [True, True]
+    state = heads.state_dict()
+    fresh = CamHeads(2, "agreement", min_agreement=0.3, fallback="tiles", hysteresis=0.1)
+    fresh.load_state_dict(state)
+    assert fresh.held.tolist() == [True, True] and fresh.use_tiles().tolist() == [True, True]
+    old = {k: v for k, v in state.items() if k != "held"}  # a checkpoint from before `held`
+    fresh.load_state_dict(old)  # strict: the missing key is filled, nothing held
+    assert fresh.held.tolist() == [False, False]
+    assert fresh.use_tiles().tolist() == [True, False]  # the plain floor: 0.35 >= 0.3
+    with pytest.raises(ValueError, match="hysteresis must be >= 0"):
+        CamHeads(2, "agreement", hysteresis=-0.1)
+
+
 @pytest.mark.parametrize("floor,fallback,power,fpower,reference", [
     (-1.0, "tiles", 1.0, 1.0, "sharpened"), (1.0, "tiles", 1.0, 1.0, "sharpened"),
     (1.0, "none", 1.0, 1.0, "sharpened"), (-1.0, "tiles", 8.0, 1.0, "sharpened"),
@@ -501,7 +544,7 @@ def test_cam_heads_host_copy_of_the_fallback_follows_readout_and_observe():
                  torch.tensor([[1.0, 1.0, 0.0]]), momentum=0.9)
     assert heads.may_use_tiles()  # changed since the last observe
     values = heads.readout().tolist()
-    assert values == [*heads.agreement.double().flatten().tolist(), 1.0, 1.0, 0.0]
+    assert values == [*heads.agreement.double().flatten().tolist(), 1.0, 1.0, 0.0, 0, 0, 0]
     with pytest.raises(RuntimeError, match="before observe"):
         heads.observed_names(True)
     rows = heads.observe(values)
@@ -516,14 +559,14 @@ def test_cam_heads_host_copy_of_the_fallback_follows_readout_and_observe():
     assert heads.use_tiles().tolist() == [False, False, True] and heads.may_use_tiles()
     state = heads.state_dict()
     fresh = CamHeads(3, "agreement", min_agreement=0.3, fallback="tiles")
-    fresh.observe([0.5] * 6 + [1.0] * 3)  # a host copy saying "no class takes the tiles"
+    fresh.observe([0.5] * 6 + [1.0] * 3 + [0.0] * 3)  # host copy: "no class on the tiles"
     assert not fresh.may_use_tiles()
     fresh.load_state_dict(state)  # the loaded statistic has a class on the tiles
     assert fresh.may_use_tiles()
     keep = CamHeads(3, "agreement", min_agreement=0.3, fallback="none")
-    keep.observe([0.0] * 6 + [1.0] * 3)  # below the floor, but no fallback to take
+    keep.observe([0.0] * 6 + [1.0] * 3 + [0.0] * 3)  # below the floor, but no fallback
     assert not keep.may_use_tiles()
-    with pytest.raises(ValueError, match="expected 9 values"):
+    with pytest.raises(ValueError, match="expected 12 values"):
         keep.observe([0.0] * 6)
 
 
@@ -584,10 +627,13 @@ def test_cam_heads_tile_images_are_the_ones_showing_a_class_on_the_tiles():
     heads = CamHeads(3, "agreement", min_agreement=0.3, fallback="tiles")
     labels = [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]]
     assert heads.tile_images(labels) is None  # nothing observed: every image
-    heads.observe([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
+    heads.observe([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 0, 0, 0])
     assert heads.tile_images(labels) == [] and heads.tile_images(None) == []  # none on tiles
-    heads.observe([0.5, 0.5, 0.1, 0.5, 0.5, 0.2, 1.0, 1.0, 1.0])  # class 2 on the tiles
+    heads.observe([0.5, 0.5, 0.1, 0.5, 0.5, 0.2, 1.0, 1.0, 1.0, 0, 0, 0])  # class 2 on tiles
     assert heads.tile_images(labels) == [1, 2]
+    held = CamHeads(3, "agreement", min_agreement=0.3, fallback="tiles", hysteresis=0.1)
+    held.observe([0.5, 0.35, 0.35, 0.5, 0.35, 0.2, 1.0, 1.0, 1.0, 0, 1, 0])  # class 1 held
+    assert held.tile_images(labels) == [1]  # 0.35 < 0.3 + 0.1: class 1 stays on the tiles
     assert heads.tile_images(None) is None  # labels not on the host: every image
 
 

@@ -78,14 +78,18 @@ def _meta(p: Params, data: PreparedDataset) -> dict:
     return {"backbone": p.model.backbone, "num_classes": data.num_classes, "params": p.dump()}
 
 
-@pytest.mark.parametrize("preset,select,every", [
-    ("baseline", "schedule", 1), ("seco", "schedule", 1), ("seco", "area", 1),
-    ("baseline", "agreement", 1),
-    ("seco", "agreement", 2)])  # resumed at a step between updates: the heads' host copy is gone
+@pytest.mark.parametrize("preset,select,every,hysteresis", [
+    ("baseline", "schedule", 1, 0.0), ("seco", "schedule", 1, 0.0), ("seco", "area", 1, 0.0),
+    ("baseline", "agreement", 1, 0.0),
+    ("seco", "agreement", 2, 0.0),  # resumed between updates: the heads' host copy is gone
+    ("seco", "agreement", 1, 0.5)])  # classes held on the tiles across the resume
 def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str, select: str,
-                                     every: int, monkeypatch: pytest.MonkeyPatch):
+                                     every: int, hysteresis: float,
+                                     monkeypatch: pytest.MonkeyPatch):
+    held = ("train.cam_select_min_agreement=0.9",) if hysteresis else ()
     tiny = tiny_params(f"train.preset={preset}", f"train.cam_select={select}",
-                       f"train.cam_select_every={every}")
+                       f"train.cam_select_every={every}",
+                       f"train.cam_select_hysteresis={hysteresis}", *held)
     data = PreparedDataset(prepared)
     cpu = torch.device("cpu")
     logs: list[dict[str, float]] = []
@@ -119,6 +123,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
     meta = resumed.final()["meta"]
     if selects:
         assert int(resumed.method.cam_heads.seen.sum()) > 0
+        assert not hysteresis or bool(resumed.method.cam_heads.held.any())
         assert len(meta["cam_heads"]) == data.num_classes
         assert set(meta["cam_heads"]) <= {"aux", "final", "tiles"}
         assert len(meta[f"cam_head_{select}"]) == 2
