@@ -330,7 +330,10 @@ def cam_sources(run: dict[str, Any]) -> dict[str, str] | None:
     ``area`` or ``agreement`` (``aux``, ``final``, ``tiles``): the trainer's own rule
     (:meth:`seco_cli.memory.CamHeads.names`) on the last logged window of its EMA (a mean
     over ``train.log_every`` steps, so a class within a hair of a boundary may read
-    otherwise than the model records); None for the schedule, or without an online CAM."""
+    otherwise than the model records); None for the schedule, or without an online CAM.
+    Whether a class ended on the tiles is the trainer's own record where the run logged it
+    (``cam_tiles``): under ``train.cam_select_hysteresis`` it depends on the statistic's
+    past, not only on its last value."""
     tp = run.get("params", {}).get("train", {})
     rule = tp.get("cam_select")
     stat = run.get("train", {}).get(f"cam_{rule}")
@@ -341,30 +344,40 @@ def cam_sources(run: dict[str, Any]) -> dict[str, str] | None:
     from seco_cli.memory import CamHeads
 
     names = list(stat["aux"])
+    on_tiles = run["train"].get("cam_tiles") or {}
+    recorded = all(n in on_tiles for n in names)
     heads = CamHeads(len(names), rule, tp["cam_select_min_agreement"],
-                     tp.get("cam_select_fallback", "none"))
+                     "none" if recorded else tp.get("cam_select_fallback", "none"))
     heads.stat.copy_(torch.tensor([[stat[h][n] for n in names] for h in CamHeads.HEADS]))
     heads.seen.fill_(1)  # every logged class was seen
     # the trainer's tie-break at the end of training: the schedule's head then
-    return dict(zip(names, heads.names(tp["iterations"] <= tp["cam2mask"]), strict=True))
+    found = heads.names(tp["iterations"] <= tp["cam2mask"])
+    if recorded:
+        found = [CamHeads.TILES if on_tiles[n] else src for n, src in zip(names, found, strict=True)]
+    return dict(zip(names, found, strict=True))
 
 
 def source_table(runs: Sequence[dict[str, Any]]) -> str | None:
     """Per preset and class, in how many runs the online CAM came from each source (A aux,
     F final, T tiles; :func:`cam_sources`), and for the tiles, where the runs logged it
     (``cam_since``, the trainer's own record), the iteration from which each run's class took
-    them; None when no run selects its CAM heads."""
+    them, and how many times it switched source in training (``cam_switches``, where logged:
+    ``× 1`` for a single switch; a statistic wavering around the floor switches often); None
+    when no run selects its CAM heads."""
     counts: dict[str, dict[str, Counter]] = {}
-    since: dict[tuple[str, str], list[int]] = {}
+    since: dict[tuple[str, str], list[tuple[int, int | None]]] = {}
     for run in runs:
         found = cam_sources(run)
         if found:
             per = counts.setdefault(run["preset"], {})
             logged = (run.get("train") or {}).get("cam_since") or {}
+            switches = (run.get("train") or {}).get("cam_switches") or {}
             for name, src in found.items():
                 per.setdefault(name, Counter())[src] += 1
                 if src == "tiles" and logged.get(name) is not None:
-                    since.setdefault((run["preset"], name), []).append(int(logged[name]))
+                    n = switches.get(name)
+                    since.setdefault((run["preset"], name), []).append(
+                        (int(logged[name]), None if n is None else int(n)))
     if not counts:
         return None
 
@@ -374,7 +387,9 @@ def source_table(runs: Sequence[dict[str, Any]]) -> str | None:
         text = " ".join(f"{src[0].upper()}{counts[p][n][src]}"
                         for src in ("aux", "final", "tiles") if counts[p][n][src])
         at = since.get((p, n))
-        return f"{text} (from {', '.join(map(str, sorted(at)))})" if at else text
+        if not at:
+            return text
+        return f"{text} (from {', '.join(str(i) if k is None else f'{i} × {k}' for i, k in sorted(at))})"
 
     names = list(dict.fromkeys(n for per in counts.values() for n in per))
     return md_table(["preset", *names], [[p] + [cell(p, n) for n in names]
@@ -427,7 +442,8 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     if sources:
         parts += ["\n## Online CAM source per class at the end of training (runs: A aux head, "
                   "F final head, T tile map; from: the iteration each run's class took the "
-                  "tiles, where logged)\n\n", sources]
+                  "tiles, where logged; × n: the times it switched source in training)\n\n",
+                  sources]
     parts += ["\n## Goals (means over seeds)\n\n",
               md_table(["goal", "measured", "status"],
                        [[g["goal"], g["measured"], g["status"]] for g in goals])]

@@ -145,10 +145,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.method, params)
         self.sched = Schedules.build(tp)
         self.iteration = 0
-        # train.cam_select: each class's CAM source as of the last step, and the iteration
-        # from which it has held it (None: no step yet, or the schedule)
+        # train.cam_select: each class's CAM source as of the last step, the iteration from
+        # which it has held it, and how often it has changed (None: no step yet, or the
+        # schedule)
         self.cam_sources: list[str] | None = None
         self.cam_since: list[int] | None = None
+        self.cam_switches: list[int] | None = None
         self.world, self.rank = distributed.world_size(), distributed.rank()
         check_reservoir_capacity(tp, self.sched, self.world)
         self.losses = (self.method.losses if self.world == 1
@@ -221,12 +223,17 @@ class Trainer:
 
     def _follow_sources(self, names: list[str], it: int) -> None:
         """Keep, per class, the iteration from which it has taken its current CAM source
-        (``aux``, ``final``, ``tiles``): when the class last switched, e.g. to the tiles."""
-        if self.cam_sources is None:  # set together with cam_since
+        (``aux``, ``final``, ``tiles``), i.e. when the class last switched (e.g. to the
+        tiles), and how many times it has switched (a statistic wavering around a boundary
+        flips the class's labels: ``train.cam_select_hysteresis``)."""
+        if self.cam_sources is None:  # set together with cam_since and cam_switches
             self.cam_sources, self.cam_since = list(names), [it] * len(names)
+            self.cam_switches = [0] * len(names)
             return
-        self.cam_since = [it if was != now else since for was, now, since in
-                          zip(self.cam_sources, names, self.cam_since, strict=True)]
+        changed = [was != now for was, now in zip(self.cam_sources, names, strict=True)]
+        self.cam_since = [it if c else since for c, since in
+                          zip(changed, self.cam_since, strict=True)]
+        self.cam_switches = [n + c for c, n in zip(changed, self.cam_switches, strict=True)]
         self.cam_sources = list(names)
 
     # ------------------------------------------------------------------ state
@@ -241,6 +248,7 @@ class Trainer:
             "world_size": self.world,
             "cam_sources": self.cam_sources,
             "cam_since": self.cam_since,
+            "cam_switches": self.cam_switches,
             "meta": self.meta,
         }
 
@@ -256,6 +264,9 @@ class Trainer:
         torch.set_rng_state(ckpt["torch_rng"])
         # checkpoints before they were kept: followed afresh from the next step
         self.cam_sources, self.cam_since = ckpt.get("cam_sources"), ckpt.get("cam_since")
+        self.cam_switches = ckpt.get("cam_switches")
+        if self.cam_switches is None and self.cam_sources is not None:  # before switches
+            self.cam_sources = self.cam_since = None  # were counted: the record restarts
 
     def final(self) -> dict[str, Any]:
         meta = dict(self.meta)
@@ -266,6 +277,7 @@ class Trainer:
             meta[f"cam_head_{heads.rule}"] = heads.stat.tolist()
             if self.cam_since is not None:  # per class, the iteration its source began
                 meta["cam_heads_since"] = list(self.cam_since)
+                meta["cam_heads_switches"] = list(self.cam_switches or [])
             if heads.rule == "agreement":  # the tile map of a `tiles` class (cams stage)
                 meta["cam_tiles"] = {"size": self.params.train.patch_size,
                                      "step": self.params.train.tile_step,

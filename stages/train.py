@@ -65,10 +65,15 @@ def _run(params: Params, data: PreparedDataset, device: torch.device, model_out:
         for _ in ticks:  # let the bar reach its end
             pass
         if main and trainer.cam_since is not None:  # train.cam_select: when each class's
-            # CAM source (the model's meta cam_heads) began, e.g. its switch to the tiles
-            for name, since in zip(data.classes[1:], trainer.cam_since, strict=True):
-                live.log_metric(f"cam_since/{name}", since, plot=False)
-                last[f"cam_since/{name}"] = since
+            # CAM source (the model's meta cam_heads) began, e.g. its switch to the tiles, how
+            # often it switched, and whether it ended on the tiles (1) or on a head (0)
+            for name, since, switches, source in zip(
+                    data.classes[1:], trainer.cam_since, trainer.cam_switches or [],
+                    trainer.cam_sources or [], strict=True):
+                for key, value in (("cam_since", since), ("cam_switches", switches),
+                                   ("cam_tiles", int(source == "tiles"))):
+                    live.log_metric(f"{key}/{name}", value, plot=False)
+                    last[f"{key}/{name}"] = value
         if main and trainer.sched.uses_teacher:  # the prototypes were trained (L_iG, L_iL)
             pairs = [(p.victim, p.partner) for p in params.evaluate.pairs]
             for name, value in prototype_pair_similarity(

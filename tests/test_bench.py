@@ -232,6 +232,19 @@ def test_source_table_counts_each_classes_cam_source_by_the_heads_rule():
     runs[-1]["train"]["cam_since"] = {"b": 0, "p": 265}
     table = qr.render(runs, "").split("## Online CAM source")[1].split("\n## ")[0]
     assert "| seco | A2 F1 | A1 T2 (from 265, 410) |" in table.splitlines()
+    # how often it switched, where logged; whether it ended on the tiles is the trainer's
+    # record where logged (a class held on them by the hysteresis reads above the floor)
+    runs[-1]["train"]["cam_switches"] = {"b": 0, "p": 7}
+    runs[0]["train"]["cam_switches"] = {"b": 0, "p": 1}
+    table = qr.render(runs, "").split("## Online CAM source")[1].split("\n## ")[0]
+    assert "| seco | A2 F1 | A1 T2 (from 265 × 7, 410 × 1) |" in table.splitlines()
+    assert "× n: the times it switched" in qr.render(runs, "")
+    held = run("seco", 3, "agreement", (0.5, 0.2), (0.4, 0.35))  # p: 0.35 above the floor
+    assert qr.cam_sources(held) == {"b": "aux", "p": "final"}
+    held["train"]["cam_tiles"] = {"b": 0, "p": 1}
+    assert qr.cam_sources(held) == {"b": "aux", "p": "tiles"}
+    runs[0]["train"]["cam_tiles"] = {"b": 0, "p": 0}  # the record overrides the rule
+    assert qr.cam_sources(runs[0]) == {"b": "aux", "p": "final"}
 
 
 def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():

@@ -95,6 +95,11 @@ def test_six_stages_end_to_end(tmp_path: Path):
     assert rows[1].startswith("boat,boat,1.0") or rows[1].startswith("boat,boat,0.99")
     live = json.loads((a / "train/live/metrics.json").read_text())
     assert live["step"] == 6 and np.isfinite(live["loss"]["total"])
+    # train.cam_select (agreement by default): the trainer's record per class, as the model's
+    meta, names = ckpt["meta"], data.classes[1:]
+    assert [live["cam_since"][n] for n in names] == meta["cam_heads_since"]
+    assert [live["cam_switches"][n] for n in names] == meta["cam_heads_switches"]
+    assert [live["cam_tiles"][n] for n in names] == [int(s == "tiles") for s in meta["cam_heads"]]
     # the object pairs' prototype similarities (the quality benchmark's evidence) = the CSV's
     csv = {tuple(r.split(",")[:2]): float(r.split(",")[2]) for r in rows[1:]}
     assert live["proto"]["horse~person"] == pytest.approx(csv["horse", "person"], abs=1e-6)

@@ -130,6 +130,9 @@ def test_resume_equals_uninterrupted(tmp_path: Path, prepared: Path, preset: str
         # when each class's source began: kept across the resume, recorded in the model
         assert resumed.cam_sources == full.cam_sources == meta["cam_heads"]
         assert resumed.cam_since == full.cam_since == meta["cam_heads_since"]
+        assert resumed.cam_switches == full.cam_switches == meta["cam_heads_switches"]
+        assert all(n >= (since > 0) for n, since in zip(meta["cam_heads_switches"],
+                                                        meta["cam_heads_since"], strict=True))
         assert all(0 <= it < 6 for it in meta["cam_heads_since"])
     else:
         assert "cam_heads" not in meta and "cam_heads_since" not in meta
@@ -195,7 +198,21 @@ def test_cam_select_every_steps_the_statistic_on_its_iterations_only(
                 assert (src, since) == ("tiles", first_seen[c]), c
             else:
                 assert (src, since) == ("final", tp.cam2mask), c
+        # each class switched once: from the schedule's aux head to the tiles or, unseen,
+        # to the final head at cam2mask (a floor of 1.0 is never cleared)
+        assert trainer.cam_switches == [1] * data.num_classes
     assert trainer.cam_sources == heads.names(tp.iterations <= tp.cam2mask)
+    # a checkpoint from before switches were counted: the whole record restarts, none is
+    # made up; one with the count resumes it
+    state = trainer.state()
+    assert state["cam_switches"] == trainer.cam_switches
+    fresh = Trainer(tiny, data, torch.device("cpu"), _meta(tiny, data))
+    fresh.load_state(state)
+    assert (fresh.cam_sources, fresh.cam_since, fresh.cam_switches) == (
+        trainer.cam_sources, trainer.cam_since, trainer.cam_switches)
+    state.pop("cam_switches")
+    fresh.load_state(state)
+    assert fresh.cam_sources is fresh.cam_since is fresh.cam_switches is None
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, prepared: Path,
