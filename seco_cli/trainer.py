@@ -277,7 +277,7 @@ class Trainer:
             meta[f"cam_head_{heads.rule}"] = heads.stat.tolist()
             if self.cam_since is not None:  # per class, the iteration its source began
                 meta["cam_heads_since"] = list(self.cam_since)
-                meta["cam_heads_switches"] = list(self.cam_switches or [])
+                meta["cam_heads_switches"] = list(self.cam_switches)
             if heads.rule == "agreement":  # the tile map of a `tiles` class (cams stage)
                 meta["cam_tiles"] = {"size": self.params.train.patch_size,
                                      "step": self.params.train.tile_step,

@@ -16,6 +16,7 @@ from seco_cli import distributed
 from seco_cli.checkpoint import save_atomic
 from seco_cli.data.prepared import PreparedDataset
 from seco_cli.jsonio import write_text
+from seco_cli.memory import CamHeads
 from seco_cli.params import Params
 from seco_cli.progress import Progress, Silent
 from seco_cli.provenance import provenance
@@ -68,10 +69,10 @@ def _run(params: Params, data: PreparedDataset, device: torch.device, model_out:
             # CAM source (the model's meta cam_heads) began, e.g. its switch to the tiles, how
             # often it switched, and whether it ended on the tiles (1) or on a head (0)
             for name, since, switches, source in zip(
-                    data.classes[1:], trainer.cam_since, trainer.cam_switches or [],
-                    trainer.cam_sources or [], strict=True):
+                    data.classes[1:], trainer.cam_since, trainer.cam_switches,
+                    trainer.cam_sources, strict=True):
                 for key, value in (("cam_since", since), ("cam_switches", switches),
-                                   ("cam_tiles", int(source == "tiles"))):
+                                   ("cam_tiles", int(source == CamHeads.TILES))):
                     live.log_metric(f"{key}/{name}", value, plot=False)
                     last[f"{key}/{name}"] = value
         if main and trainer.sched.uses_teacher:  # the prototypes were trained (L_iG, L_iL)
