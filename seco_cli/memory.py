@@ -159,6 +159,8 @@ class CamHeads(nn.Module):
       ``hysteresis`` h > 0 a class on the tiles leaves them only once a head reaches
       ``min_agreement + h`` (buffer ``held``: the classes on the tiles as of the last update),
       so a statistic wavering around the floor does not flip the class's labels step by step.
+      The caller may start holding only at a later update (``update``'s ``hold``), so the
+      classes a statistic still rising from its first CAMs catches are not kept.
 
     Ties, and classes not seen yet, go to the schedule's head. Row 0 of the statistic is the
     auxiliary head, row 1 the final one; its buffer is named after the rule (``area`` or
@@ -196,11 +198,13 @@ class CamHeads(nn.Module):
         return getattr(self, self.rule)
 
     @torch.no_grad()
-    def update(self, values: torch.Tensor, present: torch.Tensor, momentum: float) -> None:
+    def update(self, values: torch.Tensor, present: torch.Tensor, momentum: float,
+               hold: bool = True) -> None:
         """``values`` (B, 2, C): each image's statistic per head and class; ``present`` (B, C)
         where it counts (the image's labels; gathered from all ranks, the same on every rank).
         Per class, the batch mean over the images where it counts is one EMA step; the first
-        one sets the EMA."""
+        one sets the EMA. Without ``hold`` (before ``train.cam_select_hold_start``) no class is
+        held: until the next update each class is on the tiles only while under the floor."""
         stat = self.stat
         present = (present > 0).to(stat)  # (B, C)
         n = present.sum(0)  # (C,)
@@ -210,7 +214,7 @@ class CamHeads(nn.Module):
         ema = momentum * stat + (1.0 - momentum) * mean
         stat.copy_(torch.where(first, mean, torch.where(has, ema, stat)))
         self.seen += n.long()
-        self.held.copy_(self.use_tiles())
+        self.held.copy_(self.use_tiles() if hold else torch.zeros_like(self.held))
         self.forget_host_copy()
 
     def use_aux(self, schedule_aux: bool) -> torch.Tensor:

@@ -100,13 +100,15 @@ class SeCo(nn.Module):
     @torch.no_grad()
     def online_cam(self, images: torch.Tensor, labels: torch.Tensor, aux: bool,
                    valid: torch.Tensor | None = None, update: bool = True,
-                   host_labels: Sequence[Sequence[float]] | None = None) -> torch.Tensor:
+                   host_labels: Sequence[Sequence[float]] | None = None,
+                   hold: bool = True) -> torch.Tensor:
         """Multi-scale CAM (SPEC §3.2), normalised, restricted to labels: (B, C, H, W), from
         the auxiliary head when ``aux`` (the schedule), else the final one. With
         ``train.cam_select`` ``area`` or ``agreement`` both heads come from one pass per
         scale; when ``update``, each image's statistic of each head (covered area inside
         ``valid`` (B, H, W), or agreement with the head's tile-logit map there) updates
-        :class:`CamHeads` (on every rank alike: ``update`` must be too); and each class takes
+        :class:`CamHeads` (on every rank alike: ``update`` must be too; ``hold``: whether
+        it may hold classes on the tiles, from ``train.cam_select_hold_start``); and each class takes
         the source it picks (``aux`` breaks ties): a head, or the final head's tile-logit map
         (minimum over the tiles covering a pixel). Without ``update`` the tiles are classified
         only for the images showing a class that takes that map (:meth:`CamHeads.tile_images`,
@@ -134,7 +136,7 @@ class SeCo(nn.Module):
             return normalise_cams(cam, labels)
         final, aux_cam = (normalise_cams(c, labels) for c in cam)
         if update:
-            self._update_heads(final, aux_cam, tiles, labels, valid)
+            self._update_heads(final, aux_cam, tiles, labels, valid, hold)
         use_aux = heads.use_aux(aux)[None, :, None, None]
         cam = torch.where(use_aux, aux_cam, final)
         if tiles is not None:
@@ -149,7 +151,7 @@ class SeCo(nn.Module):
 
     def _update_heads(self, final: torch.Tensor, aux_cam: torch.Tensor,
                       tiles: TileLogits | None, labels: torch.Tensor,
-                      valid: torch.Tensor | None) -> None:
+                      valid: torch.Tensor | None, hold: bool = True) -> None:
         """One step of :class:`CamHeads`' statistic from both heads' normalised CAMs: the
         covered area (rule ``area``) or the agreement with the ``tiles`` (``agreement``; their
         map sharpened by ``train.cam_select_tile_power``, and with
@@ -167,7 +169,7 @@ class SeCo(nn.Module):
                      for c, h in ((aux_cam, "aux"), (final, "final"))]
             values = torch.stack([r for r, _ in found], 1)  # (B, 2, C)
             counts = labels * found[0][1] * found[1][1]  # labelled, both defined
-        self.cam_heads.update(*gather_cat(values, counts), tp.cam_select_momentum)
+        self.cam_heads.update(*gather_cat(values, counts), tp.cam_select_momentum, hold)
 
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, cam: torch.Tensor, labels: torch.Tensor,
@@ -317,7 +319,8 @@ class SeCo(nn.Module):
             if w.lig > 0 or w.lil > 0 or (need_seg and not w.gt_seg):
                 cam = self.online_cam(images, labels, aux=it < tp.cam2mask, valid=valid,
                                       update=it % tp.cam_select_every == 0,
-                                      host_labels=host_labels)
+                                      host_labels=host_labels,
+                                      hold=it >= tp.cam_select_hold_start)
             if w.lig > 0 or w.lil > 0:
                 terms.update(self.contrast_terms(out, images, raw, valid, labels, cam, w, gen,
                                                  normalise, stats))

@@ -194,7 +194,11 @@ class TrainParams(_Section):
     # that find the class most, the water's weaker "boat" tiles falling under the thresholds).
     # cam_select_hysteresis: a class on the fallback leaves it only once a head's statistic
     # reaches cam_select_min_agreement + this (0 = as soon as one reaches the floor; larger
-    # keeps a statistic wavering around the floor from flipping the class's labels)
+    # keeps a statistic wavering around the floor from flipping the class's labels).
+    # cam_select_hold_start: the iteration from which the hysteresis holds a class: at an
+    # update before it a class is on the fallback only while under the floor (0 = from the
+    # first update; later lets a statistic still rising from its first, immature CAMs
+    # release the classes it caught, and holds the ones that fall under it afterwards)
     cam_select: Literal["schedule", "area", "agreement"] = "agreement"
     cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # per statistic update
     cam_select_every: int = Field(1, ge=1)
@@ -205,6 +209,7 @@ class TrainParams(_Section):
     cam_select_fallback_power: float = Field(1.0, ge=1.0, le=64.0)
     cam_select_tile_reference: Literal["sharpened", "both"] = "sharpened"
     cam_select_hysteresis: float = Field(0.0, ge=0.0, le=2.0)
+    cam_select_hold_start: int = Field(0, ge=0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)

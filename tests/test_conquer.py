@@ -470,6 +470,58 @@ def test_cam_heads_hysteresis_keeps_a_class_on_the_tiles_until_a_head_clears_the
         CamHeads(2, "agreement", hysteresis=-0.1)
 
 
+def test_cam_heads_hold_starts_late_releases_the_classes_caught_before_it():
+    """update(..., hold=False), before train.cam_select_hold_start: no class is held, so a
+    class caught under the floor leaves the tiles as soon as a head reaches the floor; from
+    the first update with hold=True a class on the tiles stays until min_agreement + h
+    (here 2.0: for good). The same sequence held from the start keeps the early class."""
+    from seco_cli.memory import CamHeads
+
+    # class 0: under the floor at the first updates, then recovers (an immature early CAM);
+    # class 1: fine at first, under the floor later, then recovers (a head lost to a context)
+    best = [(0.1, 0.5), (0.35, 0.5), (0.5, 0.5), (0.5, 0.2), (0.5, 0.6), (0.5, 0.9)]
+    hold = [False, False, True, True, True, True]  # hold_start at the third update
+    for late, want in ((True, [[True, False], [False, False], [False, False], [False, True],
+                               [False, True], [False, True]]),
+                       (False, [[True, False], [True, False], [True, False], [True, True],
+                                [True, True], [True, True]])):
+        heads = CamHeads(2, "agreement", min_agreement=0.3, fallback="tiles", hysteresis=2.0)
+        got = []
+        for (b0, b1), h in zip(best, hold, strict=True):
+            heads.update(torch.tensor([[[b0 - 0.3, b1 - 0.3], [b0, b1]]]), torch.ones(1, 2),
+                         momentum=0.0, hold=h or not late)
+            got.append(heads.use_tiles().tolist())
+            if late and not h:
+                assert not heads.held.any()  # before the start: the plain floor, none held
+            heads.observe(heads.readout().tolist())  # the host copy decides alike
+            assert heads.observed_names(True) == heads.names(True)
+        assert got == want, late
+
+
+def test_online_cam_holds_from_the_hold_start_iteration():
+    """SeCo.losses passes hold = (it >= train.cam_select_hold_start) to the statistic's
+    update: with a floor no head reaches, every class is on the tiles either way, and held
+    only from that iteration."""
+    from seco_cli.method import SeCo, StepWeights
+    from tests.conftest import tiny_params
+
+    p = tiny_params("train.cam_select=agreement", "train.cam_select_min_agreement=1.0",
+                    "train.cam_select_hysteresis=0.5", "train.cam_select_hold_start=3",
+                    "train.patch_size=16")
+    method = SeCo(p, 6)
+    images, labels = torch.randn(2, 3, 48, 48), torch.ones(2, 6)
+    batch = {"image": images, "labels": labels, "valid": torch.ones(2, 48, 48, dtype=torch.bool)}
+    w = StepWeights(cls=1.0, aux=1.0, seg=1.0, ptc=0.0, lig=0.0, lil=0.0, reg=0.0,
+                    rectify=False, proto=False, gt_seg=False)
+    held = []
+    for it in range(5):
+        method.losses(batch, it, w, images, torch.Generator().manual_seed(0), lambda x: x,
+                      autocast=False)
+        held.append(bool(method.cam_heads.held.all()))
+        assert method.cam_heads.use_tiles().all()
+    assert held == [False, False, False, True, True]
+
+
 @pytest.mark.parametrize("floor,fallback,power,fpower,reference", [
     (-1.0, "tiles", 1.0, 1.0, "sharpened"), (1.0, "tiles", 1.0, 1.0, "sharpened"),
     (1.0, "none", 1.0, 1.0, "sharpened"), (-1.0, "tiles", 8.0, 1.0, "sharpened"),

@@ -65,6 +65,7 @@ def test_override_types_are_parsed():
         ("train.cam_select_fallback_power=65", "'train.cam_select_fallback_power'"),
         ("train.cam_select_tile_reference=plain", "'train.cam_select_tile_reference'"),
         ("train.cam_select_hysteresis=-0.1", "'train.cam_select_hysteresis'"),
+        ("train.cam_select_hold_start=-1", "'train.cam_select_hold_start'"),
         ("train.cam_select_tile_step=48", "train.cam_select_tile_step (48) must be <= train.patch_size"),
     ],
 )
