@@ -21,10 +21,13 @@ train.seed,prepare.seed`` also redraws the synthetic data per seed.
     python bench/quality.py --dataset coco128 --profile bench --seeds 0   # real photos
     python bench/quality.py --presets baseline,seco --seeds 0 --set train.iterations=300
     python bench/quality.py --report-only           # rebuild the tables (same options)
+                                                    # (and fill in per-class IoU, see below)
     python bench/quality.py --dry-run               # list the runs still to do
 
 Writes ``bench/results/quality-<dataset>-<profile>.json`` (the runs, each with the params it
-ran) and ``.md`` (the tables). A run is reused only under the very same params; when
+ran and each class's IoU from the evaluate stage's report) and ``.md`` (the tables). Runs
+stored before the per-class IoU was recorded gain it on the next invocation where the
+repository still has their experiment (its commit under ``refs/exps`` and the DVC cache). A run is reused only under the very same params; when
 params.yaml or the code's params have moved on since, ``--report-only`` still renders the
 latest run of the same command (preset, seed, overrides) and the header lists, per run, which
 params differ.
@@ -71,6 +74,7 @@ SCHEDULE_KEYS = ("warmup_iters", "proto_start", "contrast_start", "cam2mask", "s
                  "rectify_start", "ptc_start", "cam_select_hold_start", "ckpt_every")
 METRICS = "artifacts/metrics/evaluate.json"
 LIVE = "artifacts/train/live/metrics.json"
+REPORT = "artifacts/plots/report.json"  # the evaluate stage's full report (per-class rows)
 
 
 # --------------------------------------------------------------------------- what to run
@@ -227,6 +231,37 @@ def find_experiment(show: list[dict[str, Any]], name: str) -> dict[str, Any] | N
     return None
 
 
+def exp_classes(repo: Path, exp_rev: str | None) -> dict[str, dict[str, float | None]] | None:
+    """Per source (``cams``, ``pseudo``, ``segment_raw``, ``segment_ms_crf``), each class's IoU
+    in the experiment's evaluate report (``dvc.api`` reads it from the experiment's commit and
+    the DVC cache): what ``evaluate.json`` leaves out to stay a short metrics file. None when
+    this repository no longer has the commit or the cached report."""
+    if not exp_rev or subprocess.run(["git", "cat-file", "-e", f"{exp_rev}^{{commit}}"],
+                                     cwd=repo, capture_output=True).returncode:
+        return None
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        report = json.loads(dvc.api.read(REPORT, repo=str(repo), rev=exp_rev))
+        return {name: {row["class"]: row["iou"] for row in src["classes"]}
+                for name, src in report["sources"].items()}
+    except (DvcException, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def fill_classes(repo: Path, results: dict[str, Any]) -> int:
+    """Adds :func:`exp_classes` to stored runs recorded without it (before it was recorded, or
+    while the report was unreadable) where the repository still has their experiment; returns
+    how many runs gained it."""
+    filled = 0
+    for run in (results.get("runs") or {}).values():
+        if run.get("classes") is None:
+            run["classes"] = exp_classes(repo, run.get("exp_rev"))
+            filled += run["classes"] is not None
+    return filled
+
+
 def check_params(found: dict[str, Any], spec: RunSpec) -> None:
     """The experiment's params.yaml (as DVC wrote it from the ``-S`` overrides) must be the
     params the spec was hashed from; otherwise its result would be stored under a wrong key.
@@ -326,7 +361,8 @@ def record(results: dict[str, Any], spec: RunSpec, found: dict[str, Any], second
         "overrides": list(spec.overrides), "wall_s": seconds,
         "git_revision": benchlib.git_revision(repo),
         "recorded": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_line(benchlib.machine()), **found}
+        "machine": machine_line(benchlib.machine()),
+        "classes": exp_classes(repo, found.get("exp_rev")), **found}
 
 
 def machine_line(m: dict[str, Any]) -> str:
@@ -500,6 +536,8 @@ def main(argv: list[str] | None = None) -> int:
                  args.seed_keys)
     results = load_results(results_path)
     todo = remaining(specs, results)
+    if not args.dry_run and fill_classes(repo, results):
+        benchlib.write_json(results_path, results)
     if args.report_only or args.dry_run:
         for s in todo if args.dry_run else []:
             print(f"to run: {s.name}  ({' '.join(s.overrides)})")

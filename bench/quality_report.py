@@ -265,6 +265,27 @@ def seed_table(runs: Sequence[dict[str, Any]], pairs: Sequence[str]) -> str | No
     return md_table(["preset", *(f"seed {seed}" for seed in seeds)], rows)
 
 
+CLASS_SOURCES = ("cams", SEG)  # the per-class IoU table is shown for these
+
+
+def class_table(runs: Sequence[dict[str, Any]], src: str) -> str | None:
+    """Each run's IoU per class (points) of source ``src``, a row per preset and seed: the
+    class a run loses (a whole-class collapse, which the means and the coupled pairs can
+    hide) is read here. From the run's ``classes`` (the evaluate stage's per-class report,
+    stored by ``bench/quality.py``); None when no run has them. A run without them shows
+    "—" in every cell."""
+    have = [r for r in runs if (r.get("classes") or {}).get(src)]
+    if not have:
+        return None
+    names = list(dict.fromkeys(c for r in have for c in r["classes"][src]))
+    order = {p: i for i, p in enumerate(PRESETS)}
+    rows = []
+    for r in sorted(runs, key=lambda r: (order.get(r["preset"], len(order)), str(r["seed"]))):
+        ious = (r.get("classes") or {}).get(src) or {}
+        rows.append([f"{r['preset']} · {r['seed']}", *(_pts(ious.get(c)) for c in names)])
+    return md_table(["preset · seed", *names], rows)
+
+
 def precision_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Precision, recall (points) and FP/TP (ratio) of CAM seeds, pseudo masks, segmentation."""
     srcs = ("cams", "pseudo", SEG)
@@ -436,6 +457,10 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
     if probe:
         parts += ["\n## Isolated-patch probe: the victim's logit on tiles classified alone "
                   "(object tiles against partner tiles)\n\n", probe]
+    for src in CLASS_SOURCES:
+        per_class = class_table(runs, src)
+        if per_class:
+            parts += [f"\n## IoU per class, {SOURCES[src]} (points, each run)\n\n", per_class]
     parts += ["\n## Training statistics, last logged window (the analysis' evidence)\n\n",
               training_table(agg)]
     sources = source_table(runs)

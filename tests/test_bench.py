@@ -695,3 +695,62 @@ def test_crf_seconds_times_the_segment_crf_per_image(prepared):
     assert r["labels"] == data.num_classes + 1 and r["iterations"] == 2
     assert r["size"] == list(data.image_size(ids[0]))
     assert r["seconds_per_image"] == pytest.approx(sum(r["seconds"]) / 3)
+
+
+def test_report_per_class_table_shows_each_run_and_dashes_where_a_run_has_none():
+    """The per-class IoU tables (CAM seeds, seg MS+CRF): a row per run in preset order, a
+    column per class; a run without stored classes shows dashes; no table without any."""
+    runs = [_run("seco", 1, 0.5), _run("baseline", 0, 0.4), _run("seco", 0, 0.5)]
+    assert "## IoU per class" not in qr.render(runs, "")
+    runs[0]["classes"] = {"cams": {"background": 0.9, "boat": 0.25, "car": None},
+                          "segment_ms_crf": {"background": 0.97, "boat": 0.65, "car": 0.364}}
+    runs[1]["classes"] = {"cams": {"background": 0.8, "boat": 0.3, "car": 0.87},
+                          "segment_ms_crf": {"background": 0.98, "boat": 0.63, "car": 0.92}}
+    text = qr.render(runs, "")
+    seg = text.split("## IoU per class, seg MS+CRF (points, each run)")[1].split("\n## ")[0]
+    seg = seg.strip().splitlines()
+    assert seg == ["| preset · seed | background | boat | car |", "|---|---|---|---|",
+                   "| baseline · 0 | 98.0 | 63.0 | 92.0 |", "| seco · 0 | — | — | — |",
+                   "| seco · 1 | 97.0 | 65.0 | 36.4 |"]
+    cams = text.split("## IoU per class, CAM seeds")[1].split("\n## ")[0]
+    assert "| seco · 1 | 90.0 | 25.0 | — |" in cams.splitlines()
+
+
+def test_exp_classes_reads_the_per_class_report_of_an_experiment_through_dvc(tmp_path):
+    """exp_classes reads artifacts/plots/report.json as DVC tracks it at a commit (from the
+    cache), None for a commit the repository lacks or a report no longer cached;
+    fill_classes adds it to the stored runs without it, and keeps the ones that have it."""
+    import shutil
+    import subprocess
+
+    def sh(*cmd):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+
+    sh("git", "init", "-q")
+    sh("git", "config", "user.email", "t@example.com")
+    sh("git", "config", "user.name", "t")
+    sh("dvc", "init", "-q")
+    plots = tmp_path / "artifacts" / "plots"
+    plots.mkdir(parents=True)
+    rows = [{"class": "background", "iou": 0.9}, {"class": "car", "iou": 0.36},
+            {"class": "bird", "iou": None}]
+    (plots / "report.json").write_text(json.dumps(
+        {"sources": {"cams": {"classes": rows}, "segment_ms_crf": {"classes": rows[:2]}}}))
+    sh("dvc", "add", "-q", "artifacts/plots")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "exp")
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    want = {"cams": {"background": 0.9, "car": 0.36, "bird": None},
+            "segment_ms_crf": {"background": 0.9, "car": 0.36}}
+    assert quality.exp_classes(tmp_path, rev) == want
+    assert quality.exp_classes(tmp_path, "0" * 40) is None
+    assert quality.exp_classes(tmp_path, None) is None
+    results = {"runs": {"a": {"exp_rev": rev}, "b": {"exp_rev": rev, "classes": {"x": {}}},
+                        "c": {"exp_rev": "f" * 40}}}
+    assert quality.fill_classes(tmp_path, results) == 1
+    assert results["runs"]["a"]["classes"] == want and results["runs"]["b"]["classes"] == {"x": {}}
+    assert results["runs"]["c"]["classes"] is None
+    shutil.rmtree(plots)
+    shutil.rmtree(tmp_path / ".dvc" / "cache")
+    assert quality.exp_classes(tmp_path, rev) is None  # the commit is there, its report not
