@@ -27,10 +27,10 @@ train.seed,prepare.seed`` also redraws the synthetic data per seed.
 Writes ``bench/results/quality-<dataset>-<profile>.json`` (the runs, each with the params it
 ran and each class's IoU from the evaluate stage's report) and ``.md`` (the tables). Runs
 stored before the per-class IoU was recorded gain it on the next invocation where the
-repository still has their experiment (its commit under ``refs/exps`` and the DVC cache). A run is reused only under the very same params; when
-params.yaml or the code's params have moved on since, ``--report-only`` still renders the
-latest run of the same command (preset, seed, overrides) and the header lists, per run, which
-params differ.
+repository still has their experiment (its commit under ``refs/exps`` and the DVC cache).
+A run is reused only under the very same params; when params.yaml or the code's params have
+moved on since, ``--report-only`` still renders the latest run of the same command (preset,
+seed, overrides) and the header lists, per run, which params differ.
 Do not run ``dvc`` commands in the same repository while it runs (DVC's lock).
 """
 
