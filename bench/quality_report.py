@@ -278,11 +278,14 @@ def class_table(runs: Sequence[dict[str, Any]], src: str) -> str | None:
     if not have:
         return None
     names = list(dict.fromkeys(c for r in have for c in r["classes"][src]))
-    order = {p: i for i, p in enumerate(PRESETS)}
+    by_preset: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_preset.setdefault(r["preset"], []).append(r)
     rows = []
-    for r in sorted(runs, key=lambda r: (order.get(r["preset"], len(order)), str(r["seed"]))):
-        ious = (r.get("classes") or {}).get(src) or {}
-        rows.append([f"{r['preset']} · {r['seed']}", *(_pts(ious.get(c)) for c in names)])
+    for p in _presets(by_preset):  # the presets in the other tables' order, seeds within
+        for r in sorted(by_preset[p], key=lambda r: str(r["seed"])):
+            ious = (r.get("classes") or {}).get(src) or {}
+            rows.append([f"{p} · {r['seed']}", *(_pts(ious.get(c)) for c in names)])
     return md_table(["preset · seed", *names], rows)
 
 
