@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from benchlib import goal_status, md_table
@@ -230,7 +230,7 @@ def _within_spread(a: Stat | None, b: Stat | None) -> str:
     return f"; difference {100 * diff:+.1f}"
 
 
-def _presets(agg: dict[str, Any]) -> list[str]:
+def _presets(agg: Collection[str]) -> list[str]:
     return [p for p in PRESETS if p in agg] + sorted(p for p in agg if p not in PRESETS)
 
 
@@ -278,14 +278,11 @@ def class_table(runs: Sequence[dict[str, Any]], src: str) -> str | None:
     if not have:
         return None
     names = list(dict.fromkeys(c for r in have for c in r["classes"][src]))
-    by_preset: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        by_preset.setdefault(r["preset"], []).append(r)
+    order = _presets({r["preset"] for r in runs})  # the other tables' order, seeds within
     rows = []
-    for p in _presets(by_preset):  # the presets in the other tables' order, seeds within
-        for r in sorted(by_preset[p], key=lambda r: str(r["seed"])):
-            ious = (r.get("classes") or {}).get(src) or {}
-            rows.append([f"{p} · {r['seed']}", *(_pts(ious.get(c)) for c in names)])
+    for r in sorted(runs, key=lambda r: (order.index(r["preset"]), str(r["seed"]))):
+        ious = (r.get("classes") or {}).get(src) or {}
+        rows.append([f"{r['preset']} · {r['seed']}", *(_pts(ious.get(c)) for c in names)])
     return md_table(["preset · seed", *names], rows)
 
 
