@@ -205,9 +205,9 @@ class TrainParams(_Section):
     cam_select_min_agreement: float = Field(0.3, ge=-1.0, le=1.0)
     cam_select_fallback: Literal["none", "tiles"] = "tiles"
     cam_select_tile_step: int = Field(0, ge=0)
-    cam_select_tile_power: float = Field(1.0, ge=1.0, le=64.0)
-    cam_select_fallback_power: float = Field(1.0, ge=1.0, le=64.0)
-    cam_select_tile_reference: Literal["sharpened", "both"] = "sharpened"
+    cam_select_tile_power: float = Field(8.0, ge=1.0, le=64.0)
+    cam_select_fallback_power: float = Field(8.0, ge=1.0, le=64.0)
+    cam_select_tile_reference: Literal["sharpened", "both"] = "both"
     cam_select_hysteresis: float = Field(0.0, ge=0.0, le=2.0)
     cam_select_hold_start: int = Field(0, ge=0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
