@@ -75,7 +75,8 @@ def test_the_command_measures_every_head_and_map(tmp_path, prepared):
     sets = [a for item in TINY for a in ("--set", item)]
     assert tc.main(["--model", str(model), "--prepared", str(prepared), "--images", "5",
                     "--bkg", "0.1", "--bkg", "0.4", "--batch", "2", "--results", str(results),
-                    *sets]) == 0
+                    *sets, "--set", "train.cam_select_tile_power=1",  # the plain map
+                    "--set", "train.cam_select_tile_reference=sharpened"]) == 0
     out = json.loads(results.read_text())
     run = out["runs"][str(model)]
     assert run["images"] == 5 and out["bkg"] == [0.1, 0.4] and out["git_revision"]
