@@ -32,6 +32,13 @@ A run is reused only under the very same params; when params.yaml or the code's 
 moved on since, ``--report-only`` still renders the latest run of the same command (preset,
 seed, overrides) and the header lists, per run, which params differ.
 Do not run ``dvc`` commands in the same repository while it runs (DVC's lock).
+
+Runs repeat bit for bit on one kind of machine (CPU model, torch threads, GPU, torch
+version), not across kinds, so a table compares presets within one kind. A bench run stops,
+before running anything, when a stored run it would reuse was made on another kind:
+``--rerun-other-machines`` runs those again here (the stored ones are kept under
+``runs_elsewhere`` in the JSON), ``--mixed-machines`` reuses them, and the table's header
+then says which run came from which machine (``--report-only`` always renders, marked so).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -372,6 +380,56 @@ def machine_line(m: dict[str, Any]) -> str:
             f"torch {m['torch']}")
 
 
+MACHINE_LINE = re.compile(r"^(?P<cpu>.+?), \d+ usable of \d+ cores, torch threads "
+                          r"(?P<threads>\S+), .*, GPU (?P<gpu>.+), torch (?P<torch>\S+)$")
+
+
+def machine_kind(line: str | None) -> str | None:
+    """Of a stored :func:`machine_line`, what decides whether two runs of the same params
+    repeat bit for bit: the CPU model, torch's thread count, the GPU and the torch version
+    (not the memory or the cores the host has). Runs repeat per kind of machine, not across
+    kinds (BENCHMARKS: the same code and params gave seg mIoU 84.3 on one CPU and 81.5 on
+    another), so a table comparing presets is read within one kind. None: not recorded or
+    not readable."""
+    m = MACHINE_LINE.match(line or "")
+    return (f"{m['cpu']} · torch threads {m['threads']} · GPU {m['gpu']} · torch {m['torch']}"
+            if m else None)
+
+
+def other_machine_runs(specs: list[RunSpec], results: dict[str, Any], here: str | None
+                       ) -> list[tuple[RunSpec, str | None]]:
+    """The planned runs stored from another kind of machine than ``here`` (or from an
+    unknown one), with that kind."""
+    stored = results.get("runs", {})
+    kinds = [(s, machine_kind(stored[s.key].get("machine"))) for s in specs if s.key in stored]
+    return [(s, kind) for s, kind in kinds if kind is None or kind != here]
+
+
+def set_aside(results: dict[str, Any], specs: list[RunSpec]) -> None:
+    """Moves the stored runs of ``specs`` to ``runs_elsewhere`` (kept, keyed by run and
+    machine kind), so that the bench runs them again on this machine."""
+    aside = results.setdefault("runs_elsewhere", {})
+    for s in specs:
+        run = results["runs"].pop(s.key)
+        aside[f"{s.key}@{machine_kind(run.get('machine')) or 'unknown machine'}"] = run
+
+
+def mixed_machine_line(chosen: dict[RunSpec, dict[str, Any] | None]) -> str:
+    """A header line when a table's runs come from more than one kind of machine: which run
+    came from which (empty when they come from one)."""
+    by_kind: dict[str, list[str]] = {}
+    for s, run in chosen.items():
+        if run:
+            kind = machine_kind(run.get("machine")) or "machine not recorded"
+            by_kind.setdefault(kind, []).append(f"{s.preset} s{s.seed}")
+    if len(by_kind) < 2:
+        return ""
+    return (f"- **mixed machines**: the runs come from {len(by_kind)} kinds of machine, and runs "
+            "repeat bit for bit within a kind only, so a difference between runs of two kinds "
+            "mixes the method with the machine: "
+            + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in by_kind.items()) + "\n")
+
+
 def run_command(argv: list[str]) -> str:
     """The command that makes the runs: this one without ``--report-only``/``--dry-run``."""
     return shlex.join([Path(sys.executable).name,
@@ -487,7 +545,7 @@ def report(results: dict[str, Any], specs: list[RunSpec], args: argparse.Namespa
             f"- git revision(s) of the runs: {', '.join(f'`{r}`' for r in revs) or '—'}\n"
             f"- dates of the runs: {dates[0] + ' to ' + dates[-1] if dates else '—'}\n"
             f"- machine(s) of the runs: {'; '.join(machines) if runs else '—'}\n"
-            + drift_lines(stand_ins, specs, args.repo.resolve()) +
+            + mixed_machine_line(chosen) + drift_lines(stand_ins, specs, args.repo.resolve()) +
             f"- tables rendered: {now} by the report code at `{benchlib.git_revision()}`"
             + (" (`--report-only`)" if args.report_only else "") + "\n")
     text = quality_report.render(runs, head)
@@ -514,6 +572,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="where the coco128 folder layout (symlinks) is made")
     ap.add_argument("--report-only", action="store_true", help="rebuild the tables only")
     ap.add_argument("--dry-run", action="store_true", help="list the runs still to do")
+    mixed = ap.add_mutually_exclusive_group()
+    mixed.add_argument("--mixed-machines", action="store_true",
+                       help="reuse stored runs made on another kind of machine (the table "
+                            "says which runs came from which)")
+    mixed.add_argument("--rerun-other-machines", action="store_true",
+                       help="run the stored runs made on another kind of machine again here "
+                            "(the stored ones are kept under runs_elsewhere)")
     args = ap.parse_args(argv)
     args.presets_list = [p for p in args.presets.split(",") if p]
     args.seeds_list = [int(s) for s in args.seeds.split(",") if s]
@@ -535,6 +600,14 @@ def main(argv: list[str] | None = None) -> int:
     specs = plan(repo, args.dataset, args.profile, args.presets_list, args.seeds_list, base,
                  args.seed_keys)
     results = load_results(results_path)
+    here = machine_kind(machine_line(benchlib.machine()))
+    elsewhere = other_machine_runs(specs, results, here)
+    if elsewhere and args.rerun_other_machines and not (args.report_only or args.dry_run):
+        set_aside(results, [s for s, _ in elsewhere])
+        benchlib.write_json(results_path, results)
+        print(f"set aside {len(elsewhere)} run(s) made on another kind of machine, to run "
+              f"here: {', '.join(s.name for s, _ in elsewhere)}")
+        elsewhere = []
     todo = remaining(specs, results)
     if not args.dry_run and fill_classes(repo, results):
         benchlib.write_json(results_path, results)
@@ -543,7 +616,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"to run: {s.name}  ({' '.join(s.overrides)})")
         print(report(results, specs, args, base, out_md) if args.report_only else
               f"{len(specs) - len(todo)} of {len(specs)} runs stored; {len(todo)} to run")
+        if args.dry_run and elsewhere and not args.mixed_machines:
+            print(f"{len(elsewhere)} stored run(s) were made on another kind of machine than "
+                  f"this one ({here}); a bench run stops on them: pass --mixed-machines or "
+                  "--rerun-other-machines")
         return 0
+    if elsewhere and not args.mixed_machines:
+        names = ", ".join(f"{s.name} ({kind or 'machine not recorded'})" for s, kind in elsewhere)
+        print(f"error: {results_path}: {len(elsewhere)} stored run(s) of this table were made on "
+              f"another kind of machine than this one ({here}), and runs repeat bit for bit "
+              f"per kind only: {names}. Pass --rerun-other-machines to run them here (the "
+              "stored ones are kept), or --mixed-machines to reuse them in a table marked "
+              "mixed.", file=sys.stderr)
+        return 2
     if todo:  # finished earlier but not recorded (interrupted between run and record)
         show = exp_show(repo)
         for s in list(todo):

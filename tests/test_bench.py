@@ -612,6 +612,83 @@ def test_params_diff_lists_changed_added_and_removed_leaves_but_not_skipped_ones
     assert quality.params_diff(old, old) == []
 
 
+INTEL = ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz, 2 usable of 2 cores, torch threads 2, "
+         "23.5 GiB, GPU none, torch 2.14.1+cu130")
+AMD = "AMD EPYC, 2 usable of 2 cores, torch threads 2, 23.5 GiB, GPU none, torch 2.14.1+cu130"
+
+
+def test_machine_kind_keeps_what_decides_bitwise_repeats_and_drops_the_hosts_size():
+    kind = quality.machine_kind(INTEL)
+    assert kind == ("Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz · torch threads 2 · GPU none "
+                    "· torch 2.14.1+cu130")
+    # more cores or memory on the host: the same kind; another CPU, thread count or torch: not
+    assert quality.machine_kind(INTEL.replace("2 usable of 2", "8 usable of 16")
+                                .replace("23.5", "128.0")) == kind
+    assert quality.machine_kind(AMD) != kind
+    assert quality.machine_kind(INTEL.replace("threads 2", "threads 4")) != kind
+    assert quality.machine_kind(INTEL.replace("2.14.1", "2.15.0")) != kind
+    gpu = AMD.replace("GPU none", "GPU 1 × NVIDIA H200 (139 GiB)")
+    assert quality.machine_kind(gpu).endswith("GPU 1 × NVIDIA H200 (139 GiB) · torch 2.14.1+cu130")
+    assert quality.machine_kind(None) is None and quality.machine_kind("a laptop") is None
+    # the line this machine records parses
+    here = quality.machine_line(benchlib.machine())
+    assert quality.machine_kind(here) is not None
+
+
+def _stored_on(machines: dict[quality.RunSpec, str | None]) -> dict:
+    results: dict = {"version": 1, "runs": {}}
+    for spec, line in machines.items():
+        results["runs"][spec.key] = {**_run(spec.preset, spec.seed, 0.5), "machine": line}
+    return results
+
+
+def test_other_machine_runs_and_set_aside_keep_the_stored_run():
+    specs = [_spec("baseline", 0), _spec("seco", 0), _spec("seco", 1)]
+    results = _stored_on({specs[0]: INTEL, specs[1]: AMD, specs[2]: None})
+    here = quality.machine_kind(INTEL)
+    assert quality.other_machine_runs(specs, results, here) == [
+        (specs[1], quality.machine_kind(AMD)), (specs[2], None)]
+    assert quality.other_machine_runs(specs[:1], results, here) == []
+    amd_run = results["runs"][specs[1].key]
+    quality.set_aside(results, [specs[1], specs[2]])
+    assert quality.remaining(specs, results) == specs[1:]  # to run again here
+    assert results["runs_elsewhere"] == {
+        f"{specs[1].key}@{quality.machine_kind(AMD)}": amd_run,
+        f"{specs[2].key}@unknown machine": _stored_on({specs[2]: None})["runs"][specs[2].key]}
+
+
+def test_bench_stops_on_runs_from_another_machine_unless_told_and_marks_a_mixed_table(
+        tmp_path, monkeypatch, capsys):
+    specs = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline", "seco"], [0], [],
+                         ["train.seed"])
+    here = quality.machine_line(benchlib.machine())
+    other = "Some Other CPU, 4 usable of 4 cores, torch threads 4, 8.0 GiB, GPU none, torch 0.1"
+    path = tmp_path / "q.json"
+    results = _stored_on({specs[0]: here, specs[1]: other})
+    benchlib.write_json(path, results)
+    argv = ["--presets", "baseline,seco", "--seeds", "0", "--results", str(path)]
+    monkeypatch.setattr(sys, "argv", ["bench/quality.py", *argv])
+    # every planned run is stored, so without the check the bench would just report
+    assert quality.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: 1 stored run(s)")
+    assert specs[1].name in err and "Some Other CPU" in err and "--mixed-machines" in err
+    assert json.loads(path.read_text()) == results and not path.with_suffix(".md").exists()
+    # a dry run says so and exits 0
+    assert quality.main([*argv, "--dry-run"]) == 0
+    assert "1 stored run(s) were made on another kind" in capsys.readouterr().out
+    # reused on request: the table's header names which run came from which machine
+    assert quality.main([*argv, "--mixed-machines"]) == 0
+    text = path.with_suffix(".md").read_text()
+    assert "- **mixed machines**: the runs come from 2 kinds of machine" in text
+    assert f"{quality.machine_kind(here)}: baseline s0; {quality.machine_kind(other)}: seco s0" \
+        in text
+    # one kind: no such line
+    benchlib.write_json(path, _stored_on({specs[0]: here, specs[1]: here}))
+    assert quality.main(argv) == 0
+    assert "mixed machines" not in path.with_suffix(".md").read_text()
+
+
 def test_report_only_renders_runs_of_the_same_command_under_older_params_and_flags_them(
         tmp_path, monkeypatch):
     """params.yaml moved on since the runs (here: a different lr): the bench would re-run
