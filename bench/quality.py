@@ -414,6 +414,38 @@ def set_aside(results: dict[str, Any], specs: list[RunSpec]) -> None:
         aside[f"{s.key}@{machine_kind(run.get('machine')) or 'unknown machine'}"] = run
 
 
+def rename_set_aside_experiments(repo: Path, results: dict[str, Any], specs: list[RunSpec]
+                                 ) -> list[str]:
+    """Before :func:`set_aside`'s runs are made again here: an experiment of the same name on
+    this commit (``dvc exp run -n`` would refuse the name) is renamed ``<name>-elsewhere-<n>``
+    (kept, with its commit and cached outputs), and its stored run gets the new name. Returns
+    the new names."""
+    done = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=repo, capture_output=True,
+                          text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"dvc exp list failed: {(done.stderr or done.stdout).strip()[-400:]}")
+    names = set(done.stdout.split())
+    renamed = []
+    for s in specs:
+        if s.name not in names:
+            continue
+        n = 1
+        while f"{s.name}-elsewhere-{n}" in names:
+            n += 1
+        new = f"{s.name}-elsewhere-{n}"
+        done = subprocess.run(["dvc", "exp", "rename", s.name, new], cwd=repo,
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode:
+            raise RuntimeError(f"dvc exp rename {s.name} failed: "
+                               f"{(done.stderr or done.stdout).strip()[-400:]}")
+        names.add(new)
+        for run in results.get("runs_elsewhere", {}).values():
+            if run.get("exp_name") == s.name:
+                run["exp_name"] = new
+        renamed.append(new)
+    return renamed
+
+
 def mixed_machine_line(chosen: dict[RunSpec, dict[str, Any] | None]) -> str:
     """A header line when a table's runs come from more than one kind of machine: which run
     came from which (empty when they come from one)."""
@@ -604,9 +636,11 @@ def main(argv: list[str] | None = None) -> int:
     elsewhere = other_machine_runs(specs, results, here)
     if elsewhere and args.rerun_other_machines and not (args.report_only or args.dry_run):
         set_aside(results, [s for s, _ in elsewhere])
+        renamed = rename_set_aside_experiments(repo, results, [s for s, _ in elsewhere])
         benchlib.write_json(results_path, results)
         print(f"set aside {len(elsewhere)} run(s) made on another kind of machine, to run "
-              f"here: {', '.join(s.name for s, _ in elsewhere)}")
+              f"here: {', '.join(s.name for s, _ in elsewhere)}"
+              + (f" (their experiments here renamed {', '.join(renamed)})" if renamed else ""))
         elsewhere = []
     todo = remaining(specs, results)
     if not args.dry_run and fill_classes(repo, results):

@@ -657,6 +657,35 @@ def test_other_machine_runs_and_set_aside_keep_the_stored_run():
         f"{specs[2].key}@unknown machine": _stored_on({specs[2]: None})["runs"][specs[2].key]}
 
 
+def test_rename_set_aside_experiments_frees_the_name_and_keeps_the_experiment(tmp_path):
+    import subprocess
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True,
+                              text=True).stdout
+
+    sh("git", "init", "-q")
+    sh("git", "config", "user.email", "t@example.com")
+    sh("git", "config", "user.name", "t")
+    sh("dvc", "init", "-q")
+    (tmp_path / "params.yaml").write_text("x: 1\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: echo hi > out.txt\n    params: [x]\n    outs: [out.txt]\n")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    specs = [_spec("seco", 0), _spec("baseline", 0)]
+    sh("dvc", "exp", "run", "-q", "-n", specs[0].name, "-S", "x=2")
+    results = _stored_on({specs[0]: AMD, specs[1]: AMD})
+    for spec in specs:
+        results["runs"][spec.key]["exp_name"] = spec.name
+    quality.set_aside(results, specs)
+    assert quality.rename_set_aside_experiments(tmp_path, results, specs) == [
+        f"{specs[0].name}-elsewhere-1"]
+    assert sh("dvc", "exp", "list", "--name-only").split() == [f"{specs[0].name}-elsewhere-1"]
+    names = sorted(r["exp_name"] for r in results["runs_elsewhere"].values())
+    assert names == sorted([f"{specs[0].name}-elsewhere-1", specs[1].name])
+
+
 def test_bench_stops_on_runs_from_another_machine_unless_told_and_marks_a_mixed_table(
         tmp_path, monkeypatch, capsys):
     specs = quality.plan(benchlib.ROOT, "synthetic", "default", ["baseline", "seco"], [0], [],
