@@ -79,7 +79,8 @@ VOC_NAMES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "ca
 # 7.2-11.8 min a run (1.05 h for the 7 presets of one seed, measured). BENCHMARKS.md has both.
 BENCH = {"synthetic": (0.5, []), "coco128": (0.2, ["model.crop_size=160"])}
 SCHEDULE_KEYS = ("warmup_iters", "proto_start", "contrast_start", "cam2mask", "seg_start",
-                 "rectify_start", "ptc_start", "cam_select_hold_start", "ckpt_every")
+                 "rectify_start", "ptc_start", "cam_select_hold_start", "cam_select_start",
+                 "ckpt_every")
 METRICS = "artifacts/metrics/evaluate.json"
 LIVE = "artifacts/train/live/metrics.json"
 REPORT = "artifacts/plots/report.json"  # the evaluate stage's full report (per-class rows)
@@ -113,7 +114,7 @@ NEUTRAL_PARAMS = {("train", "cam_select_every"): 1, ("train", "cam_select_tile_p
                   ("train", "cam_select_fallback_power"): 1.0,
                   ("train", "cam_select_tile_reference"): "sharpened",
                   ("train", "cam_select_hysteresis"): 0.0,
-                  ("train", "cam_select_hold_start"): 0}
+                  ("train", "cam_select_hold_start"): 0, ("train", "cam_select_start"): 0}
 
 
 def params_hash(params: Params) -> str:

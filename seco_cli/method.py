@@ -107,7 +107,8 @@ class SeCo(nn.Module):
         ``train.cam_select`` ``area`` or ``agreement`` both heads come from one pass per
         scale; when ``update``, each image's statistic of each head (covered area inside
         ``valid`` (B, H, W), or agreement with the head's tile-logit map there) updates
-        :class:`CamHeads` (on every rank alike: ``update`` must be too; ``hold``: whether
+        :class:`CamHeads` (from ``train.cam_select_start``, every
+        ``train.cam_select_every`` iterations; on every rank alike: ``update`` must be too; ``hold``: whether
         it may hold classes on the tiles, from ``train.cam_select_hold_start``); and each class takes
         the source it picks (``aux`` breaks ties): a head, or the final head's tile-logit map
         (minimum over the tiles covering a pixel). Without ``update`` the tiles are classified
@@ -318,7 +319,8 @@ class SeCo(nn.Module):
             cam = None
             if w.lig > 0 or w.lil > 0 or (need_seg and not w.gt_seg):
                 cam = self.online_cam(images, labels, aux=it < tp.cam2mask, valid=valid,
-                                      update=it % tp.cam_select_every == 0,
+                                      update=(it % tp.cam_select_every == 0
+                                              and it >= tp.cam_select_start),
                                       host_labels=host_labels,
                                       hold=it >= tp.cam_select_hold_start)
             if w.lig > 0 or w.lil > 0:

@@ -199,6 +199,11 @@ class TrainParams(_Section):
     # update before it a class is on the fallback only while under the floor (0 = from the
     # first update; later lets a statistic still rising from its first, immature CAMs
     # release the classes it caught, and holds the ones that fall under it afterwards)
+    # cam_select_start: the iteration from which the statistic is stepped (its first step
+    # there sets the EMA to that batch's mean); before it every class follows the schedule's
+    # head, as an unseen class does. 0 = from the first online CAM, which comes at
+    # contrast_start with L_iG/L_iL and only at seg_start without them, so the statistics of
+    # two presets start apart; seg_start starts them together, from CAMs of the same age
     cam_select: Literal["schedule", "area", "agreement"] = "agreement"
     cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # per statistic update
     cam_select_every: int = Field(1, ge=1)
@@ -210,6 +215,7 @@ class TrainParams(_Section):
     cam_select_tile_reference: Literal["sharpened", "both"] = "both"
     cam_select_hysteresis: float = Field(0.0, ge=0.0, le=2.0)
     cam_select_hold_start: int = Field(0, ge=0)
+    cam_select_start: int = Field(0, ge=0)
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)

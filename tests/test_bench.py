@@ -379,10 +379,12 @@ def test_bench_profile_scales_every_start_of_the_schedule():
 
     p = load_params(benchlib.ROOT / "params.yaml", ["train.iterations=1000",
                                                     "train.seg_start=500", "train.ckpt_every=1",
-                                                    "train.cam_select_hold_start=600"])
+                                                    "train.cam_select_hold_start=600",
+                                                    "train.cam_select_start=500"])
     over = dict(o.split("=") for o in quality.scaled_schedule(p, 0.5))
     assert over["train.iterations"] == "500" and over["train.seg_start"] == "250"
     assert over["train.cam_select_hold_start"] == "300"
+    assert over["train.cam_select_start"] == "250"
     assert over["train.ckpt_every"] == "1"  # never 0
     assert set(over) == {"train.iterations", *(f"train.{k}" for k in quality.SCHEDULE_KEYS)}
 

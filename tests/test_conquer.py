@@ -522,6 +522,34 @@ def test_online_cam_holds_from_the_hold_start_iteration():
     assert held == [False, False, False, True, True]
 
 
+def test_online_cam_steps_the_statistic_only_from_the_start_iteration():
+    """train.cam_select_start: before it the statistic is not stepped (no class seen: every
+    class follows the schedule's head, none the tiles, though no head reaches the floor);
+    its first step sets the EMA to that batch's mean."""
+    from seco_cli.method import SeCo, StepWeights
+    from tests.conftest import tiny_params
+
+    p = tiny_params("train.cam_select=agreement", "train.cam_select_min_agreement=1.0",
+                    "train.cam_select_start=2", "train.patch_size=16")
+    method = SeCo(p, 6)
+    images, labels = torch.randn(2, 3, 48, 48), torch.ones(2, 6)
+    batch = {"image": images, "labels": labels, "valid": torch.ones(2, 48, 48, dtype=torch.bool)}
+    w = StepWeights(cls=1.0, aux=1.0, seg=1.0, ptc=0.0, lig=0.0, lil=0.0, reg=0.0,
+                    rectify=False, proto=False, gt_seg=False)
+    heads = method.cam_heads
+    seen, tiles = [], []
+    for it in range(4):
+        method.losses(batch, it, w, images, torch.Generator().manual_seed(0), lambda x: x,
+                      autocast=False)
+        seen.append(heads.seen.tolist())
+        tiles.append(bool(heads.use_tiles().any()))
+        if it == 2:  # the first step: the EMA is that batch's mean, not a blend with zeros
+            assert heads.stat.abs().sum() > 0
+    assert seen == [[0] * 6, [0] * 6, [2] * 6, [4] * 6]
+    assert tiles == [False, False, True, True]
+    assert heads.names(True) == ["tiles"] * 6
+
+
 @pytest.mark.parametrize("floor,fallback,power,fpower,reference", [
     (-1.0, "tiles", 1.0, 1.0, "sharpened"), (1.0, "tiles", 1.0, 1.0, "sharpened"),
     (1.0, "none", 1.0, 1.0, "sharpened"), (-1.0, "tiles", 8.0, 1.0, "sharpened"),
