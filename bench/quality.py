@@ -35,7 +35,9 @@ Do not run ``dvc`` commands in the same repository while it runs (DVC's lock).
 
 Runs repeat bit for bit on one kind of machine (CPU model, torch threads, GPU, torch
 version), not across kinds, so a table compares presets within one kind. A bench run stops,
-before running anything, when a stored run it would reuse was made on another kind:
+before running anything, when its table would mix kinds: stored runs from two kinds, or from
+another kind than this one while runs are still to be made here (a complete table from one
+other kind is only rendered):
 ``--rerun-other-machines`` runs those again here (the stored ones are kept under
 ``runs_elsewhere`` in the JSON), ``--mixed-machines`` reuses them, and the table's header
 then says which run came from which machine (``--report-only`` always renders, marked so).
@@ -644,6 +646,13 @@ def main(argv: list[str] | None = None) -> int:
               + (f" (their experiments here renamed {', '.join(renamed)})" if renamed else ""))
         elsewhere = []
     todo = remaining(specs, results)
+    # the table mixes machines when its stored runs come from two kinds, or from another
+    # kind than this one while runs are still to be made here; a complete table from one
+    # other kind is a consistent table, and a bench run only renders it
+    kinds = {kind for _, kind in other_machine_runs(specs, results, None)} | (
+        {here} if todo else set())
+    if len(kinds) < 2:
+        elsewhere = []
     if not args.dry_run and fill_classes(repo, results):
         benchlib.write_json(results_path, results)
     if args.report_only or args.dry_run:

@@ -718,6 +718,14 @@ def test_bench_stops_on_runs_from_another_machine_unless_told_and_marks_a_mixed_
     benchlib.write_json(path, _stored_on({specs[0]: here, specs[1]: here}))
     assert quality.main(argv) == 0
     assert "mixed machines" not in path.with_suffix(".md").read_text()
+    # a complete table from one other kind is consistent: rendered, not stopped
+    benchlib.write_json(path, _stored_on({specs[0]: other, specs[1]: other}))
+    assert quality.main(argv) == 0
+    assert "mixed machines" not in path.with_suffix(".md").read_text()
+    # but with a run still to make here it would mix: stopped (before running anything)
+    benchlib.write_json(path, _stored_on({specs[1]: other}))
+    assert quality.main(argv) == 2
+    assert "1 stored run(s) of this table were made on another kind" in capsys.readouterr().err
 
 
 def test_report_only_renders_runs_of_the_same_command_under_older_params_and_flags_them(
