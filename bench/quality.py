@@ -408,6 +408,16 @@ def other_machine_runs(specs: list[RunSpec], results: dict[str, Any], here: str 
     return [(s, kind) for s, kind in kinds if kind is None or kind != here]
 
 
+def mixes_machines(specs: list[RunSpec], results: dict[str, Any], here: str | None,
+                   to_run: bool) -> bool:
+    """Whether the table of ``specs`` would hold runs of more than one kind of machine: its
+    stored runs come from two kinds (an unknown machine counting as one), or from another
+    kind than ``here`` while runs are still ``to_run`` here."""
+    stored = results.get("runs", {})
+    kinds = {machine_kind(stored[s.key].get("machine")) for s in specs if s.key in stored}
+    return len(kinds | ({here} if to_run else set())) > 1
+
+
 def set_aside(results: dict[str, Any], specs: list[RunSpec]) -> None:
     """Moves the stored runs of ``specs`` to ``runs_elsewhere`` (kept, keyed by run and
     machine kind), so that the bench runs them again on this machine."""
@@ -644,14 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"set aside {len(elsewhere)} run(s) made on another kind of machine, to run "
               f"here: {', '.join(s.name for s, _ in elsewhere)}"
               + (f" (their experiments here renamed {', '.join(renamed)})" if renamed else ""))
-        elsewhere = []
+        elsewhere = []  # none stored from elsewhere any more
     todo = remaining(specs, results)
-    # the table mixes machines when its stored runs come from two kinds, or from another
-    # kind than this one while runs are still to be made here; a complete table from one
-    # other kind is a consistent table, and a bench run only renders it
-    kinds = {kind for _, kind in other_machine_runs(specs, results, None)} | (
-        {here} if todo else set())
-    if len(kinds) < 2:
+    # a complete table from one other kind is consistent: a bench run only renders it
+    if not mixes_machines(specs, results, here, bool(todo)):
         elsewhere = []
     if not args.dry_run and fill_classes(repo, results):
         benchlib.write_json(results_path, results)

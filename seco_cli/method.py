@@ -107,9 +107,9 @@ class SeCo(nn.Module):
         ``train.cam_select`` ``area`` or ``agreement`` both heads come from one pass per
         scale; when ``update``, each image's statistic of each head (covered area inside
         ``valid`` (B, H, W), or agreement with the head's tile-logit map there) updates
-        :class:`CamHeads` (from ``train.cam_select_start``, every
-        ``train.cam_select_every`` iterations; on every rank alike: ``update`` must be too; ``hold``: whether
-        it may hold classes on the tiles, from ``train.cam_select_hold_start``); and each class takes
+        :class:`CamHeads` (from ``train.cam_select_start``, every ``train.cam_select_every``
+        iterations; on every rank alike: ``update`` must be too; ``hold``: whether it may
+        hold classes on the tiles, from ``train.cam_select_hold_start``); and each class takes
         the source it picks (``aux`` breaks ties): a head, or the final head's tile-logit map
         (minimum over the tiles covering a pixel). Without ``update`` the tiles are classified
         only for the images showing a class that takes that map (:meth:`CamHeads.tile_images`,

@@ -651,6 +651,11 @@ def test_other_machine_runs_and_set_aside_keep_the_stored_run():
     assert quality.other_machine_runs(specs, results, here) == [
         (specs[1], quality.machine_kind(AMD)), (specs[2], None)]
     assert quality.other_machine_runs(specs[:1], results, here) == []
+    # two kinds stored (an unknown machine is one), or another kind with runs still to make
+    assert quality.mixes_machines(specs, results, here, to_run=False)
+    assert not quality.mixes_machines(specs[1:2], results, here, to_run=False)
+    assert quality.mixes_machines(specs[1:2], results, here, to_run=True)
+    assert not quality.mixes_machines(specs[:1], results, here, to_run=True)
     amd_run = results["runs"][specs[1].key]
     quality.set_aside(results, [specs[1], specs[2]])
     assert quality.remaining(specs, results) == specs[1:]  # to run again here
