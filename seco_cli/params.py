@@ -203,7 +203,8 @@ class TrainParams(_Section):
     # there sets the EMA to that batch's mean); before it every class follows the schedule's
     # head, as an unseen class does. 0 = from the first online CAM, which comes at
     # contrast_start with L_iG/L_iL and only at seg_start without them, so the statistics of
-    # two presets start apart; seg_start starts them together, from CAMs of the same age
+    # two presets start apart; seg_start (the default) starts them together, from CAMs of the
+    # same age
     cam_select: Literal["schedule", "area", "agreement"] = "agreement"
     cam_select_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # per statistic update
     cam_select_every: int = Field(1, ge=1)
@@ -215,7 +216,7 @@ class TrainParams(_Section):
     cam_select_tile_reference: Literal["sharpened", "both"] = "both"
     cam_select_hysteresis: float = Field(0.0, ge=0.0, le=2.0)
     cam_select_hold_start: int = Field(0, ge=0)
-    cam_select_start: int = Field(0, ge=0)
+    cam_select_start: int = Field(500, ge=0)  # = seg_start
     # loss weights and start iterations (SPEC §6); a weight of 0 skips the term
     w_cls: float = Field(1.0, ge=0)
     w_aux: float = Field(1.0, ge=0)

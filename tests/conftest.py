@@ -23,6 +23,7 @@ TINY = [
     "train.batch_size=4",
     "train.warmup_iters=2",
     "train.seg_start=3",
+    "train.cam_select_start=3",  # = seg_start, as in params.yaml
     "train.ptc_start=0",
     "train.cam2mask=4",
     "train.log_every=2",

@@ -507,7 +507,7 @@ def test_online_cam_holds_from_the_hold_start_iteration():
 
     p = tiny_params("train.cam_select=agreement", "train.cam_select_min_agreement=1.0",
                     "train.cam_select_hysteresis=0.5", "train.cam_select_hold_start=3",
-                    "train.patch_size=16")
+                    "train.cam_select_start=0", "train.patch_size=16")
     method = SeCo(p, 6)
     images, labels = torch.randn(2, 3, 48, 48), torch.ones(2, 6)
     batch = {"image": images, "labels": labels, "valid": torch.ones(2, 48, 48, dtype=torch.bool)}

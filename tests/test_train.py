@@ -155,11 +155,13 @@ def test_cam_select_every_steps_the_statistic_on_its_iterations_only(
         tmp_path: Path, prepared: Path, every: int, floor: float, tile_steps: list[int],
         monkeypatch: pytest.MonkeyPatch):
     """train.cam_select_every: the agreement statistic and its seen counts change on the
-    iterations it divides (from contrast_start on, when the online CAM is first needed), the
-    tiles are classified on those and, in between, only while a class takes the tile map."""
+    iterations it divides (from contrast_start on, when the online CAM is first needed, with
+    train.cam_select_start 0), the tiles are classified on those and, in between, only while
+    a class takes the tile map."""
     import seco_cli.method as method_module
 
     tiny = tiny_params("train.preset=seco", "train.cam_select=agreement",
+                       "train.cam_select_start=0",
                        f"train.cam_select_every={every}",
                        f"train.cam_select_min_agreement={floor}")
     data = PreparedDataset(prepared)
