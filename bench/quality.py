@@ -654,9 +654,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"set aside {len(elsewhere)} run(s) made on another kind of machine, to run "
               f"here: {', '.join(s.name for s, _ in elsewhere)}"
               + (f" (their experiments here renamed {', '.join(renamed)})" if renamed else ""))
-        elsewhere = []  # none stored from elsewhere any more
     todo = remaining(specs, results)
-    # a complete table from one other kind is consistent: a bench run only renders it
+    # a complete table from one other kind is consistent: a bench run only renders it (and
+    # after a set-aside every stored run is from here: nothing mixes)
     if not mixes_machines(specs, results, here, bool(todo)):
         elsewhere = []
     if not args.dry_run and fill_classes(repo, results):
