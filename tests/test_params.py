@@ -27,6 +27,15 @@ def test_recipes_validate(recipe: Path):
     assert load_params(ROOT / "params.yaml").train.cam_select == "agreement"
 
 
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", *sorted((ROOT / "recipes").glob("*.yaml"))],
+                         ids=lambda p: p.stem)
+def test_cam_select_start_is_seg_start_in_every_shipped_profile(path: Path):
+    """train.cam_select_start = seg_start: both presets' statistics start from CAMs of the same
+    age (README, "Start"); a profile moving seg_start must move it too."""
+    p = load_params(path).train
+    assert p.cam_select_start == p.seg_start > 0
+
+
 def test_override_types_are_parsed():
     p = load_params(ROOT / "params.yaml", ["train.iterations=7", "train.cam_scales=[1.0, 0.5]",
                                            "model.pretrained=/tmp/w.pth", "cams.flip=false"])
