@@ -9,11 +9,12 @@ import math
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from seco_cli.provenance import NOT_CODE, revision
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,19 +43,10 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def git_revision(repo: Path = ROOT) -> str:
     """HEAD of ``repo`` with ``-dirty`` when tracked files differ, or ``unknown``. The
-    benchmarks' own result files (``bench/results``, which every bench run rewrites) do not
-    count: ``-dirty`` means the code or params that made a number were not committed."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                ".", ":(exclude)bench/results"],
-                               cwd=repo, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if rev.returncode:
-        return "unknown"
-    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    benchmarks' own result files (``bench/results``, which every bench run rewrites) and
+    dvc.lock (which DVC rewrites) do not count: ``-dirty`` means the code or params that made a
+    number were not committed."""
+    return revision(repo, exclude=(*NOT_CODE, "bench/results"))
 
 
 def _cpu_model() -> str:
