@@ -52,6 +52,7 @@ from seco_cli.metrics import (
 from seco_cli.params import Params
 from seco_cli.pictures import GridRow, sample_grid
 from seco_cli.postprocess import resize_scores
+from seco_cli.provenance import provenance
 from seco_cli.store import StoreReader, fresh_output_dir
 
 # segmentation store group (variant) → source name in the report
@@ -234,6 +235,16 @@ def _grid_rows(data: PreparedDataset, splits: list[str], stores: dict[str, Store
     return rows
 
 
+def _recorded(stores: dict[str, StoreReader]) -> dict[str, dict[str, Any]]:
+    """What each scored store says made it: code version, git revision and seed (``None``
+    where a store does not record one)."""
+    out = {}
+    for name, store in stores.items():
+        prov = store.attrs.get("provenance") or {}
+        out[name] = {key: prov.get(key) for key in ("seco_version", "git_revision", "seed")}
+    return out
+
+
 def _segment_store(path: Path) -> StoreReader:
     store = StoreReader(path, "segment", stage_hint="segment")
     if not set(SEGMENT_VARIANTS) <= set(store.groups):
@@ -317,7 +328,9 @@ def run(params: Params, prepared: Path, cams: Path, pseudo: Path, segment: Path,
                                     progress, variant)
     report = {"classes": data.classes, "pairs": [list(p) for p in pairs],
               "pairs_from": "params" if params.evaluate.pairs else "cooccurrence",
-              "sources": sources}
+              "sources": sources,
+              "provenance": provenance(params.dump(), params.train.seed),
+              "inputs": _recorded(stores)}
     if loaded is not None:
         report["probe"] = _probe(params, data, loaded, pairs)
     metrics = compact(report)

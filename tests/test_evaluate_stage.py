@@ -153,6 +153,31 @@ def test_plot_files_exact(paths):
     assert report["sources"]["segment_ms_crf"]["split"] == "val"
 
 
+def test_report_records_its_params_and_revision_and_what_each_store_recorded(paths):
+    import zarr
+
+    from seco_cli.provenance import git_revision
+
+    made = {"seco_version": "0.0.9", "git_revision": "abc123", "seed": 7, "params": {}}
+    zarr.open_group(str(paths["cams"]), mode="r+").attrs["provenance"] = made
+    params = _params(PAIRS)
+    params.train.seed = 3
+    _run(paths, params)
+    report = json.loads((paths["plots"] / "report.json").read_text())
+    assert report["provenance"]["git_revision"] == git_revision()
+    assert report["provenance"]["seed"] == 3
+    assert report["provenance"]["params"]["evaluate"]["cam_bkg"] == 0.45
+    assert report["inputs"]["cams"] == {"seco_version": "0.0.9", "git_revision": "abc123",
+                                        "seed": 7}
+    # the hand-made pseudo and segment stores record nothing: said, not invented
+    assert report["inputs"]["pseudo"] == {"seco_version": None, "git_revision": None,
+                                          "seed": None}
+    assert set(report["inputs"]) == {"cams", "pseudo", "segment"}
+    # the dvc metrics summary stays numbers only
+    metrics = json.loads(paths["metrics"].read_text())
+    assert "provenance" not in metrics and "inputs" not in metrics
+
+
 def test_pairs_default_to_cooccurrence(paths):
     metrics = _run(paths, _params([]))
     assert list(metrics["pairs"]) == ["horse/person", "person/horse"]  # the only pair seen
