@@ -254,6 +254,14 @@ def test_ablation_goal_says_when_the_difference_is_within_the_seed_spread():
     assert measured["segmentation mIoU (MS+CRF): no_lig < SeCo"] == (
         "no_lig 50.0 ± 1.4, SeCo 52.0 ± 2.8; difference +2.0 is within the seeds' spread")
     assert measured["segmentation mIoU (MS+CRF): no_lil < SeCo"].endswith("; difference +21.0")
+    status = {g["goal"]: g["status"] for g in qr.goal_checks(qr.aggregate(runs), [])}
+    # ordered by the means, but by less than the seeds scatter: not claimed either way
+    assert status["segmentation mIoU (MS+CRF): no_lig < SeCo"] == qr.NOT_SHOWN
+    assert status["segmentation mIoU (MS+CRF): no_lil < SeCo"] == "met"
+    # above SeCo within the spread is still not met, not "not shown"
+    runs[2] = _run("no_lig", 0, 0.53)
+    status = {g["goal"]: g["status"] for g in qr.goal_checks(qr.aggregate(runs), [])}
+    assert status["segmentation mIoU (MS+CRF): no_lig < SeCo"] == "not met"
 
 
 def test_found_table_counts_the_runs_where_the_victim_is_segmented():
