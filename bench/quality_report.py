@@ -214,32 +214,37 @@ def goal_checks(agg: dict[str, dict[str, Stat]], pairs: Sequence[str],
         a = _mean(agg, ablation, key)
         stat = agg.get(ablation, {}).get(key)
         kn = seeds_holding(flats, ablation, "seco", key, lambda x, y: x < y)
-        within = _within_spread(stat, seco_stat)
         status = goal_status(a, "<", s)
-        if status == "met" and within.endswith(SPREAD):
+        if status == "met" and _spread_covers(stat, seco_stat):
             status = NOT_SHOWN  # ordered, but not by more than the seeds scatter
         goals.append({"goal": f"segmentation mIoU (MS+CRF): {ablation} < SeCo",
                       "measured": f"{ablation} {fmt(stat) or '—'}, SeCo {fmt(seco_stat) or '—'}"
-                      + within + _in_seeds(kn),
+                      + _within_spread(stat, seco_stat) + _in_seeds(kn),
                       "status": status})
     return goals
 
 
-SPREAD = "is within the seeds' spread"
 # an ordering goal whose means order the right way by no more than the larger sample std of
 # the two presets: the seeds do not show it (neither met nor refuted)
 NOT_SHOWN = "not shown (within the seeds' spread)"
 
 
-def _within_spread(a: Stat | None, b: Stat | None) -> str:
-    """``; the difference is within the seeds' spread`` when |mean a − mean b| is at most the
-    larger sample std of the two (so the ordering is not claimed), else ``""``."""
+def _spread_covers(a: Stat | None, b: Stat | None) -> bool | None:
+    """Whether |mean a − mean b| is at most the larger sample std of the two (the ordering is
+    not claimed then); None when a mean or a spread is missing (a single seed)."""
     if not a or not b or a[0] is None or b[0] is None or a[1] is None or b[1] is None:
+        return None
+    return abs(b[0] - a[0]) <= max(a[1], b[1])
+
+
+def _within_spread(a: Stat | None, b: Stat | None) -> str:
+    """``; difference … is within the seeds' spread`` when :func:`_spread_covers`, ``;
+    difference …`` when not, ``""`` when it cannot say."""
+    covers = _spread_covers(a, b)
+    if covers is None:
         return ""
-    diff = b[0] - a[0]
-    if abs(diff) <= max(a[1], b[1]):
-        return f"; difference {100 * diff:+.1f} {SPREAD}"
-    return f"; difference {100 * diff:+.1f}"
+    diff = f"; difference {100 * (b[0] - a[0]):+.1f}"
+    return diff + " is within the seeds' spread" if covers else diff
 
 
 def _presets(agg: Collection[str]) -> list[str]:
