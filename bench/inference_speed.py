@@ -38,6 +38,7 @@ from seco_cli.device import resolve_device  # noqa: E402
 from seco_cli.inference import batches, cam_fn, load_model  # noqa: E402
 from seco_cli.params import Params, load_params, seed_cam_source  # noqa: E402
 from seco_cli.shards import Shard  # noqa: E402
+from seco_cli.store import StoreReader  # noqa: E402
 from stages import cams as cams_stage  # noqa: E402
 from stages import pseudo as pseudo_stage  # noqa: E402
 from stages import segment as segment_stage  # noqa: E402
@@ -72,10 +73,7 @@ def bare_forward(net, loaded: list[torch.Tensor], scales: list[float], flip: boo
 
 def store_bytes(path: Path, group: str | None = None) -> tuple[int, int]:
     """(bytes on disk of the per-image arrays, number of images) of a store (or a group)."""
-    root = path if group is None else path / group
-    dirs = [p for p in root.iterdir() if (p / "zarr.json").is_file() and p.name != "aux"]
-    total = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
-    return total, len(dirs)
+    return StoreReader(path).stored_bytes(group)
 
 
 def _preload(data: PreparedDataset, ids: list[str], size: int, params: Params,
@@ -179,7 +177,7 @@ def cam_bytes(prepared: Path, cams: Path) -> dict[str, Any]:
     the reference with a background map too is ``full_with_background_per_image``)."""
     data = PreparedDataset(prepared)
     stored, n = store_bytes(cams)
-    ids = [p.name for p in cams.iterdir() if (p / "zarr.json").is_file() and p.name != "aux"]
+    ids = StoreReader(cams).ids()
     own = sum(len(data.labels(i)) for i in ids)
     pixels = sum(h * w for h, w in map(data.image_size, ids))
     full = 4 * data.num_classes * pixels  # one float32 map per foreground class (a CAM)

@@ -1,19 +1,26 @@
-"""All Zarr I/O of the pipeline: per-image arrays with a completion marker.
+"""All Zarr I/O of the pipeline: per-image arrays, packed into bundles, with a completion marker.
 
-A store is a Zarr v3 group holding one array per image (named by the image id), each one
-chunk, so an image costs a constant number of files (its ``zarr.json`` and one chunk) and DVC
-hashing stays fast. Chunk keys use the ``.`` separator (``<id>/c.0.0``, not ``<id>/c/0/0``):
-an image is then one folder instead of three or four, and DVC, which pays per folder it walks,
-checks a no-op ``dvc repro`` about a third faster (stores written with ``/`` still read). Float
-arrays are stored float16, or, with ``dtype="uint8"`` (CAMs by default, ``cams.dtype``), as
-8-bit levels: q = round(clip(x, 0, 1) · 255) with the array attribute ``divide_by: 255``, read
-back as float32 q / 255 (error ≤ 1/510 ≈ 0.002 for x in [0, 1]; float16 errs ≤ 1/4096 there).
-Readers undo it transparently: :meth:`StoreReader.read` gives float32 for a uint8 CAM, float16
-for a float16 one (stores written before keep reading as they did). Masks are uint8 as they
-are; every array is compressed. The group attributes record what made the store
-(params, seed, package version, git revision). A store may also hold named sub-groups
-declared when it is created (``groups``), each again one array per image: the segmentation's
-``raw/<id>`` and ``ms_crf/<id>``, the auxiliary CAMs ``aux/<id>``.
+A store is a folder holding a Zarr v3 group (``zarr.json``: the attributes that record what
+made the store: params, seed, package version, git revision) and its images in *bundles*:
+``bundle-<shard>-of-<n>-<k>.zip``, each a Zarr v3 group in a zip file (readable on its own with
+``zarr.open_group(zarr.storage.ZipStore(path, mode="r"))``) of up to
+:data:`ARRAYS_PER_BUNDLE` arrays, one per image (named by the image id), each one chunk. A
+store of N images is then about N / 256 files and no sub-folders: DVC, which pays per file and
+per folder it walks (a store is the output of one stage and a dependency of the next), checks a
+no-op ``dvc repro`` in a fraction of the time the earlier layout (one folder per image, two
+files each) took. Stores of that layout (``layout`` attribute absent) still read. Zip entries
+are written uncompressed with a fixed time stamp, so a store's bytes depend only on its
+arrays and the order they were written in: a stage that re-runs and makes the same arrays
+makes the same files, and DVC skips the stages after it.
+
+Float arrays are stored float16, or, with ``dtype="uint8"`` (CAMs by default, ``cams.dtype``),
+as 8-bit levels: q = round(clip(x, 0, 1) · 255) with the array attribute ``divide_by: 255``,
+read back as float32 q / 255 (error ≤ 1/510 ≈ 0.002 for x in [0, 1]; float16 errs ≤ 1/4096
+there). Readers undo it transparently: :meth:`StoreReader.read` gives float32 for a uint8 CAM,
+float16 for a float16 one. Masks are uint8 as they are; every array is compressed (Blosc zstd).
+A store may also hold named sub-groups declared when it is created (``groups``), each again one
+array per image: the segmentation's ``raw/<id>`` and ``ms_crf/<id>``, the auxiliary CAMs
+``aux/<id>`` (inside the bundles, beside the root's images).
 
 A store is *complete* only when the marker file ``COMPLETE`` exists; it is written by
 :meth:`StoreWriter.finish` after every image is in (and, when sharded, after every shard
@@ -23,9 +30,10 @@ never a folder we did not make.
 
 Sharding (:func:`open_writer`): shard 0 of n creates the store, unless a store of the same run
 (same attributes, hence the same params, inputs and shard count) is there already; the other
-shards wait for that store and add their images to it. Each shard drops a marker when done;
-the shard that finds every marker in writes ``COMPLETE`` (exclusively, so exactly one shard
-learns that it completed the store).
+shards wait for that store and add their images to it, each into bundles of its own (a shard
+that joins again first drops the bundles it wrote before). Each shard drops a marker when
+done; the shard that finds every marker in writes ``COMPLETE`` (exclusively, so exactly one
+shard learns that it completed the store).
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import hashlib
 import json
 import shutil
 import time
+import zipfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +52,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.storage import MemoryStore, ZipStore
 
 from seco_cli.errors import MissingInputError, SecoError
 
@@ -50,8 +60,9 @@ COMPLETE = "COMPLETE"
 _KIND_ATTR = "seco_store"
 SHARD_WAIT_S = 600.0  # how long shard i > 0 waits for shard 0 to create the store
 _POLL_S = 0.2
-# the chunk file sits in the array's folder: one folder per image (see the module doc)
-_CHUNK_KEYS = {"name": "default", "separator": "."}
+ARRAYS_PER_BUNDLE = 256  # arrays (images, or an image's array in a sub-group) per bundle file
+LAYOUT = "bundles"  # the ``layout`` attribute of a store of bundles (absent: folder per image)
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # every zip entry's time stamp: same arrays, same bytes
 FLOAT_DTYPES = ("uint8", "float16")  # how a float array may be stored (``StoreWriter.write``)
 _DIVIDE_BY = "divide_by"  # array attribute of 8-bit levels: the stored value is x · divide_by
 _LEVELS = 255
@@ -129,29 +140,82 @@ def input_stamp(path: str | Path) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
+def _bundle_name(shard: int, num_shards: int, k: int) -> str:
+    return f"bundle-{shard}-of-{num_shards}-{k:05d}.zip"
+
+
+class _Bundle:
+    """One bundle being written: a zip holding a Zarr v3 group (with the store's sub-groups)
+    and its arrays. Each array is made in memory by zarr and its keys (``zarr.json`` and the
+    chunk) are added to the zip in sorted order with a fixed time stamp."""
+
+    def __init__(self, path: Path, groups: Sequence[str]):
+        self.zf = zipfile.ZipFile(path, "x", compression=zipfile.ZIP_STORED)
+        self.count = 0
+        entries: dict[str, Any] = {}
+        root = zarr.open_group(MemoryStore(entries), mode="w")
+        for name in groups:
+            root.create_group(name)
+        self._add(entries, "")
+
+    def _add(self, entries: dict[str, Any], prefix: str) -> None:
+        for key in sorted(entries):
+            info = zipfile.ZipInfo(prefix + key, date_time=_ZIP_TIME)
+            info.external_attr = 0o644 << 16
+            self.zf.writestr(info, entries[key].to_bytes())
+
+    def add(self, key: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
+        entries: dict[str, Any] = {}
+        compressor = BloscCodec(cname="zstd", clevel=5,
+                                shuffle="bitshuffle" if array.dtype == np.uint8 else "shuffle")
+        arr = zarr.create_array(
+            MemoryStore(entries), shape=array.shape, dtype=array.dtype,
+            chunks=tuple(max(1, d) for d in array.shape), compressors=compressor, fill_value=0,
+            attributes=attrs,
+        )
+        arr[...] = array
+        self._add(entries, key + "/")
+        self.count += 1
+
+    def close(self) -> None:
+        self.zf.close()
+
+
 class StoreWriter:
     """Writes one store. ``kind`` is e.g. ``cams``, ``masks``; ``attrs`` its provenance;
-    ``groups`` the sub-groups it holds besides the root (made here, before any shard writes)."""
+    ``groups`` the sub-groups it holds besides the root (declared here, before any shard
+    writes); ``per_bundle`` the arrays per bundle file."""
 
     def __init__(self, path: str | Path, kind: str, attrs: dict[str, Any], *, shard: int = 0,
-                 num_shards: int = 1, create: bool = True, groups: Sequence[str] = ()):
+                 num_shards: int = 1, create: bool = True, groups: Sequence[str] = (),
+                 per_bundle: int = ARRAYS_PER_BUNDLE):
         self.path = Path(path)
         self.kind = kind
         self.shard, self.num_shards = shard, num_shards
+        if per_bundle < 1:
+            raise ValueError(f"a bundle holds at least one array, not {per_bundle}")
+        self.per_bundle = per_bundle
         if create:
             _clear(self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.group = zarr.open_group(self.path, mode="w")
-            for name in groups:
-                self.group.create_group(_check_id(name))
+            group = zarr.open_group(self.path, mode="w")
             # attributes last: a waiting shard joins once it sees them (open_writer)
-            self.group.attrs.update({_KIND_ATTR: kind, "num_shards": num_shards,
-                                     "groups": list(groups), **attrs})
+            group.attrs.update({_KIND_ATTR: kind, "num_shards": num_shards,
+                                "groups": [_check_id(g) for g in groups], "layout": LAYOUT,
+                                **attrs})
         else:
-            self.group = zarr.open_group(self.path, mode="r+")
-        self.groups = set(self.group.attrs.get("groups", []))
+            group = zarr.open_group(self.path, mode="r")
+            if group.attrs.get("layout") != LAYOUT:
+                raise SecoError(f"store '{self.path}' was written by an earlier version",
+                                str(self.path), "delete it and run the stage again")
+        self.groups = set(group.attrs.get("groups", []))
         (self.path / COMPLETE).unlink(missing_ok=True)
         _marker(self.path, shard, num_shards).unlink(missing_ok=True)
+        for stale in self.path.glob(f"bundle-{shard}-of-{num_shards}-*.zip"):
+            stale.unlink()  # this shard's bundles of an earlier attempt: written again now
+        self._bundle: _Bundle | None = None
+        self._bundles = 0
+        self._written: set[str] = set()
         self.count = 0
 
     def write(self, image_id: str, array: np.ndarray, attrs: dict[str, Any] | None = None,
@@ -161,6 +225,14 @@ class StoreWriter:
         scores in [0, 1] (see the module doc); other arrays as they are."""
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"float arrays are stored as one of {FLOAT_DTYPES}, not '{dtype}'")
+        if group is not None and group not in self.groups:
+            raise ValueError(f"store '{self.path}' has no group '{group}' ({sorted(self.groups)})")
+        _check_id(image_id)
+        if group is None and image_id in self.groups:
+            raise ValueError(f"image id '{image_id}' is the name of a group of '{self.path}'")
+        key = image_id if group is None else f"{group}/{image_id}"
+        if key in self._written:
+            raise ValueError(f"'{key}' is already in store '{self.path}'")
         array = np.asarray(array)
         attrs = dict(attrs or {})
         if array.dtype.kind == "f" and dtype == "uint8":
@@ -168,26 +240,29 @@ class StoreWriter:
             attrs[_DIVIDE_BY] = _LEVELS
         elif array.dtype.kind == "f":
             array = array.astype(np.float16)
-        if group is not None and group not in self.groups:
-            raise ValueError(f"store '{self.path}' has no group '{group}' ({sorted(self.groups)})")
-        parent = self.group if group is None else self.group[group]
-        compressor = BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle" if array.dtype == np.uint8 else "shuffle")
-        arr = parent.create_array(
-            _check_id(image_id), shape=array.shape, dtype=array.dtype,
-            chunks=tuple(max(1, d) for d in array.shape), compressors=compressor, overwrite=True,
-            fill_value=0, chunk_key_encoding=_CHUNK_KEYS,
-        )
-        arr[...] = array
-        if attrs:
-            arr.attrs.update(attrs)
+        if self._bundle is None:
+            name = _bundle_name(self.shard, self.num_shards, self._bundles)
+            self._bundle = _Bundle(self.path / name, sorted(self.groups))
+            self._bundles += 1
+        self._bundle.add(key, array, attrs)
+        self._written.add(key)
+        if self._bundle.count >= self.per_bundle:
+            self._close_bundle()
         self.count += 1
+
+    def _close_bundle(self) -> None:
+        if self._bundle is not None:
+            self._bundle.close()
+            self._bundle = None
 
     def finish(self, summary: dict[str, Any] | None = None) -> bool:
         """Mark this shard done; the store is complete once every shard is. True only for the
         one call that completed the store (it may then export the whole store)."""
-        run = self.group.attrs.get("run")
+        self._close_bundle()
+        run = json.loads((self.path / "zarr.json").read_text())["attributes"].get("run")
         _marker(self.path, self.shard, self.num_shards).write_text(
-            json.dumps({"images": self.count, "run": run, **(summary or {})}))
+            json.dumps({"images": self.count, "bundles": self._bundles, "run": run,
+                        **(summary or {})}))
         if not all(_marker(self.path, i, self.num_shards).exists() for i in range(self.num_shards)):
             return False
         try:
@@ -266,7 +341,8 @@ def open_writer(path: str | Path, kind: str, attrs: dict[str, Any], *, shard: in
 
 
 class StoreReader:
-    """Reads a complete store; refuses an incomplete or foreign one."""
+    """Reads a complete store; refuses an incomplete or foreign one. Stores of bundles and of
+    the earlier folder-per-image layout read alike."""
 
     def __init__(self, path: str | Path, kind: str | None = None, stage_hint: str | None = None):
         self.path = Path(path)
@@ -285,6 +361,9 @@ class StoreReader:
                 f"'{self.path}' holds '{self.attrs.get(_KIND_ATTR)}', expected '{kind}'",
                 str(self.path), hint,
             )
+        self.bundled = self.attrs.get("layout") == LAYOUT
+        self._index: dict[str | None, dict[str, str]] | None = None
+        self._open: dict[str, Any] = {}
 
     def _incomplete(self) -> str:
         what = f"artifact store '{self.path}' is incomplete"
@@ -297,30 +376,77 @@ class StoreReader:
             return f"{what}: shard(s) {', '.join(f'{i}/{n}' for i in missing)} not done"
         return f"{what} (its stage was interrupted)"
 
-    def _folder(self, group: str | None) -> Path:
+    def _check_group(self, group: str | None) -> None:
         if group is not None and group not in self.groups:
             raise MissingInputError(f"store '{self.path}' has no group '{group}'", str(self.path),
                                     "re-run the stage that makes it")
-        return self.path if group is None else self.path / group
+
+    def _entries(self, group: str | None) -> dict[str, str]:
+        """Image id -> the bundle that holds it, for the root (None) or a sub-group; for a
+        store of the folder layout, image id -> its folder."""
+        self._check_group(group)
+        if self._index is None:
+            index: dict[str | None, dict[str, str]] = {None: {}, **{g: {} for g in self.groups}}
+            if self.bundled:
+                for bundle in sorted(self.path.glob("bundle-*.zip")):
+                    with zipfile.ZipFile(bundle) as zf:
+                        for name in zf.namelist():
+                            parts = name.split("/")
+                            if parts[-1] != "zarr.json" or len(parts) not in (2, 3):
+                                continue
+                            where = None if len(parts) == 2 else parts[0]
+                            if where is None and parts[0] in self.groups:
+                                continue  # a sub-group's own metadata
+                            index.setdefault(where, {})[parts[-2]] = bundle.name
+            else:  # one folder per image; the marker files are not Zarr nodes
+                for where in index:
+                    folder = self.path if where is None else self.path / where
+                    index[where] = {p.name: p.name for p in folder.iterdir()
+                                    if (p / "zarr.json").is_file()
+                                    and not (where is None and p.name in self.groups)}
+            self._index = index
+        return self._index.get(group, {})
 
     def ids(self, group: str | None = None) -> list[str]:
-        # Listed from the folder: the marker files are not Zarr nodes (and zarr warns on them).
-        skip = set(self.groups) if group is None else set()
-        return sorted(p.name for p in self._folder(group).iterdir()
-                      if (p / "zarr.json").is_file() and p.name not in skip)
+        return sorted(self._entries(group))
 
     def __contains__(self, image_id: str) -> bool:
         return self.has(image_id)
 
     def has(self, image_id: str, group: str | None = None) -> bool:
-        if group is None and image_id in self.groups:
-            return False
-        return (self._folder(group) / image_id / "zarr.json").exists()
+        return image_id in self._entries(group)
 
     def _array(self, image_id: str, group: str | None) -> Any:
-        self._folder(group)
-        parent = self.group if group is None else self.group[group]
-        return parent[_check_id(image_id)]
+        key = _check_id(image_id) if group is None else f"{group}/{_check_id(image_id)}"
+        entries = self._entries(group)
+        if not self.bundled:
+            return self.group[key]
+        if image_id not in entries:
+            raise KeyError(f"'{key}' is not in store '{self.path}'")
+        bundle = entries[image_id]
+        if bundle not in self._open:
+            self._open[bundle] = zarr.open_group(ZipStore(self.path / bundle, mode="r"), mode="r")
+        return self._open[bundle][key]
+
+    def stored_bytes(self, group: str | None = None) -> tuple[int, int]:
+        """(bytes on disk of the per-image arrays, metadata and zip headers included, number of
+        images) of the root or a sub-group."""
+        entries = self._entries(group)
+        total = 0
+        if self.bundled:
+            prefix = "" if group is None else f"{group}/"
+            for bundle in sorted(set(entries.values())):
+                with zipfile.ZipFile(self.path / bundle) as zf:
+                    for info in zf.infolist():
+                        head, _, _ = info.filename[len(prefix):].partition("/")
+                        if info.filename.startswith(prefix) and entries.get(head) == bundle:
+                            # the data, its local header (30 B) and directory entry (46 B)
+                            total += info.compress_size + 76 + 2 * len(info.filename)
+        else:
+            folder = self.path if group is None else self.path / group
+            total = sum(f.stat().st_size for image_id in entries
+                        for f in (folder / image_id).rglob("*") if f.is_file())
+        return total, len(entries)
 
     def read(self, image_id: str, group: str | None = None) -> np.ndarray:
         return self.read_with_attrs(image_id, group)[0]

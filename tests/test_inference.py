@@ -264,7 +264,9 @@ def test_uint8_cams_give_the_pseudo_masks_of_float16(case):
 
 
 def _store_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("c.*") if p.is_file())
+    stored, images = StoreReader(path).stored_bytes()
+    assert images > 0
+    return stored
 
 
 def test_two_shards_equal_one_process_cams_pseudo_segment(case):

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from seco_cli.errors import MissingInputError, SecoError
 from seco_cli.store import COMPLETE, StoreReader, StoreWriter, WriteBehind
+
+
+def _entry(store: Path, key: str) -> bytes:
+    """One key's bytes, from whichever bundle of the store holds it."""
+    for bundle in store.glob("bundle-*.zip"):
+        with zipfile.ZipFile(bundle) as zf:
+            if key in zf.namelist():
+                return zf.read(key)
+    raise KeyError(key)
 
 
 def test_round_trip_float16_and_uint8(tmp_path: Path):
@@ -36,7 +50,7 @@ def test_uint8_cams_round_trip_within_half_a_level(tmp_path: Path):
     w.write("a", cam, {"labels": [2, 3, 5]}, dtype="uint8")
     w.write("empty", np.zeros((0, 4, 4), np.float32), {"labels": []}, dtype="uint8")
     w.finish()
-    assert (tmp_path / "s.zarr" / "a" / "zarr.json").read_text().count('"uint8"') == 1
+    assert _entry(tmp_path / "s.zarr", "a/zarr.json").decode().count('"uint8"') == 1
     r = StoreReader(tmp_path / "s.zarr", "cams")
     got, attrs = r.read_with_attrs("a")
     assert got.dtype == np.float32 and attrs == {"labels": [2, 3, 5]}  # divide_by is internal
@@ -57,7 +71,7 @@ def test_uint8_store_is_smaller_than_float16_on_the_same_cams(tmp_path: Path):
         w = StoreWriter(tmp_path / f"{dtype}.zarr", "cams", {})
         w.write("a", cam, {"labels": [1, 2]}, dtype=dtype)
         w.finish()
-        size[dtype] = (tmp_path / f"{dtype}.zarr" / "a" / "c.0.0.0").stat().st_size
+        size[dtype] = len(_entry(tmp_path / f"{dtype}.zarr", "a/c/0/0/0"))
     assert size["uint8"] < size["float16"]
 
 
@@ -67,19 +81,87 @@ def test_unknown_float_dtype_is_refused(tmp_path: Path):
         w.write("a", np.zeros((1, 2, 2), np.float32), dtype="float32")
 
 
-def test_file_and_folder_count_is_constant_per_image(tmp_path: Path):
-    w = StoreWriter(tmp_path / "s.zarr", "masks", {})
+def test_a_store_is_a_few_bundle_files_and_no_folders(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "masks", {}, per_bundle=8)
     for i in range(10):
         w.write(f"im{i}", np.ones((16, 16), np.uint8))
         w.write(f"cam{i}", np.ones((2, 16, 16), np.float32))
     w.finish()
-    files = [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_file()]
-    assert len(files) == 20 * 2 + 3  # per image: zarr.json + one chunk; group json + 2 markers
-    # one folder per image, the chunk beside its zarr.json (DVC's no-op check pays per folder)
-    folders = [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_dir()]
-    assert len(folders) == 20
-    assert (tmp_path / "s.zarr" / "im0" / "c.0.0").is_file()
-    assert (tmp_path / "s.zarr" / "cam0" / "c.0.0.0").is_file()
+    files = sorted(p.name for p in (tmp_path / "s.zarr").rglob("*") if p.is_file())
+    # 20 arrays in bundles of 8; the group's zarr.json, COMPLETE and the shard's marker
+    assert files == [".shard-0-of-1.done", "COMPLETE", "bundle-0-of-1-00000.zip",
+                     "bundle-0-of-1-00001.zip", "bundle-0-of-1-00002.zip", "zarr.json"]
+    assert not [p for p in (tmp_path / "s.zarr").rglob("*") if p.is_dir()]  # DVC walks none
+    # each bundle is a Zarr group of its own, readable with zarr alone
+    last = zarr.open_group(zarr.storage.ZipStore(tmp_path / "s.zarr" / files[4], mode="r"), mode="r")
+    assert sorted(last.array_keys()) == ["cam8", "cam9", "im8", "im9"]
+    np.testing.assert_array_equal(last["im9"][...], np.ones((16, 16), np.uint8))
+    r = StoreReader(tmp_path / "s.zarr", "masks")
+    assert len(r.ids()) == 20 and r.read("cam3").shape == (2, 16, 16)
+
+
+def test_the_same_arrays_make_the_same_bytes(tmp_path: Path):
+    """A stage that re-runs with the same result leaves identical files: DVC then skips the
+    stages after it (zip entries carry a fixed time stamp)."""
+    def digest(path: Path) -> dict[str, str]:
+        rng = np.random.default_rng(4)
+        w = StoreWriter(path, "cams", {"seed": 1}, groups=["aux"], per_bundle=3)
+        for i in range(5):
+            w.write(f"im{i}", rng.random((2, 9, 7)).astype(np.float32), {"labels": [0, i]},
+                    dtype="uint8")
+            w.write(f"im{i}", rng.random((2, 9, 7)).astype(np.float32), group="aux")
+        w.finish()
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted(path.glob("*.zip")) + [path / "zarr.json"]}
+
+    first = digest(tmp_path / "a.zarr")
+    time.sleep(1.1)  # a zip time stamp has 2 s resolution; a later second must not matter
+    assert digest(tmp_path / "b.zarr") == first and len(first) == 5
+
+
+def test_sub_groups_are_kept_apart_in_the_bundles(tmp_path: Path):
+    w = StoreWriter(tmp_path / "s.zarr", "segment", {}, groups=["raw", "ms_crf"], per_bundle=3)
+    for i in range(4):
+        w.write(f"im{i}", np.full((5, 6), i, np.uint8), group="raw")
+        w.write(f"im{i}", np.full((5, 6), 10 + i, np.uint8), group="ms_crf")
+    with pytest.raises(ValueError, match="already in store"):
+        w.write("im0", np.zeros((5, 6), np.uint8), group="raw")
+    with pytest.raises(ValueError, match="name of a group"):
+        w.write("raw", np.zeros((5, 6), np.uint8))
+    with pytest.raises(ValueError, match="no group 'aux'"):
+        w.write("im0", np.zeros((5, 6), np.uint8), group="aux")
+    w.finish()
+    r = StoreReader(tmp_path / "s.zarr", "segment")
+    assert r.ids() == [] and r.ids("raw") == r.ids("ms_crf") == ["im0", "im1", "im2", "im3"]
+    assert int(r.read("im2", "raw")[0, 0]) == 2 and int(r.read("im2", "ms_crf")[0, 0]) == 12
+    assert r.has("im1", "raw") and not r.has("im1") and not r.has("im9", "raw")
+    raw, n = r.stored_bytes("raw")
+    whole = sum(p.stat().st_size for p in (tmp_path / "s.zarr").glob("*.zip"))
+    assert n == 4 and 0 < raw and 2 * raw < whole + 100  # about half the bundles' bytes
+    with pytest.raises(MissingInputError, match="no group 'aux'"):
+        r.ids("aux")
+
+
+def test_a_store_of_the_folder_layout_still_reads(tmp_path: Path):
+    """Stores written before the bundles (one Zarr array folder per image, '.' chunk keys)."""
+    path = tmp_path / "old.zarr"
+    root = zarr.open_group(path, mode="w")
+    root.create_group("aux")
+    root.attrs.update({"seco_store": "cams", "num_shards": 1, "groups": ["aux"], "seed": 5})
+    keys = {"name": "default", "separator": "."}
+    for parent, name, value in [(root, "a", 128), (root, "b", 64), (root["aux"], "a", 255)]:
+        arr = parent.create_array(name, shape=(1, 3, 4), dtype="uint8", chunks=(1, 3, 4),
+                                  fill_value=0, chunk_key_encoding=keys)
+        arr[...] = np.full((1, 3, 4), value, np.uint8)
+        arr.attrs.update({"divide_by": 255, "labels": [2]})
+    (path / ".shard-0-of-1.done").write_text("{}")
+    (path / COMPLETE).write_text(json.dumps({"kind": "cams", "shards": 1}))
+    r = StoreReader(path, "cams")
+    assert not r.bundled and r.ids() == ["a", "b"] and r.ids("aux") == ["a"]
+    got, attrs = r.read_with_attrs("b")
+    assert attrs == {"labels": [2]} and float(got.max()) == pytest.approx(64 / 255)
+    assert float(r.read("a", "aux").min()) == 1.0
+    assert r.stored_bytes()[1] == 2 and r.stored_bytes()[0] > 0
 
 
 def test_interrupted_store_is_refused(tmp_path: Path):
@@ -112,6 +194,20 @@ def test_sharded_store_completes_after_every_shard(tmp_path: Path):
     w1.write("b", np.ones((1, 2, 2)))
     w1.finish()
     assert StoreReader(path).ids() == ["a", "b"]
+
+
+def test_a_shard_that_joins_again_replaces_its_own_bundles_only(tmp_path: Path):
+    path = tmp_path / "s.zarr"
+    w0 = StoreWriter(path, "cams", {}, shard=0, num_shards=2)
+    w0.write("a", np.zeros((1, 2, 2)))
+    w0.finish()
+    w1 = StoreWriter(path, "cams", {}, shard=1, num_shards=2, create=False)
+    w1.write("b", np.ones((1, 2, 2)))  # shard 1 is killed here: no finish
+    again = StoreWriter(path, "cams", {}, shard=1, num_shards=2, create=False)
+    again.write("c", np.ones((1, 2, 2)))
+    assert again.finish() is True
+    r = StoreReader(path)
+    assert r.ids() == ["a", "c"] and float(r.read("c").min()) == 1.0
 
 
 def test_missing_store_names_stage(tmp_path: Path):
