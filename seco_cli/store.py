@@ -451,14 +451,19 @@ class StoreReader:
     def read(self, image_id: str, group: str | None = None) -> np.ndarray:
         return self.read_with_attrs(image_id, group)[0]
 
+    def read_stored(self, image_id: str, group: str | None = None,
+                    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """The array and its attributes exactly as stored (8-bit levels stay uint8, with their
+        ``divide_by`` attribute): for copying a store, not for computing with it."""
+        arr = self._array(image_id, group)
+        return arr[...], dict(arr.attrs)
+
     def read_with_attrs(self, image_id: str, group: str | None = None,
                         ) -> tuple[np.ndarray, dict[str, Any]]:
         """The array as written (8-bit levels back as float32 q / divide_by) and its attributes
         (without the storage's own ``divide_by``)."""
-        arr = self._array(image_id, group)
-        attrs = dict(arr.attrs)
+        data, attrs = self.read_stored(image_id, group)
         divide_by = attrs.pop(_DIVIDE_BY, None)
-        data = arr[...]
         if divide_by is not None:
             data = data.astype(np.float32) / np.float32(divide_by)
         return data, attrs
