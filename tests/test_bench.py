@@ -883,3 +883,62 @@ def test_exp_classes_reads_the_per_class_report_of_an_experiment_through_dvc(tmp
     shutil.rmtree(plots)
     shutil.rmtree(tmp_path / ".dvc" / "cache")
     assert quality.exp_classes(tmp_path, rev) is None  # the commit is there, its report not
+
+
+def test_folder_layout_copy_of_a_store_reads_the_same_arrays(tmp_path):
+    import store_layout
+
+    from seco_cli.store import StoreReader, StoreWriter
+
+    rng = np.random.default_rng(3)
+    w = StoreWriter(tmp_path / "b.zarr", "cams", {"seed": 7}, groups=["aux"], per_bundle=2)
+    for i in range(3):
+        w.write(f"im{i}", rng.random((2, 5, 4)).astype(np.float32), {"labels": [1, i]},
+                dtype="uint8")
+        w.write(f"im{i}", rng.random((1, 5, 4)).astype(np.float32), group="aux")
+    w.finish()
+    assert store_layout.write_folder_layout(tmp_path / "b.zarr", tmp_path / "f.zarr") == 6
+    a, b = StoreReader(tmp_path / "b.zarr", "cams"), StoreReader(tmp_path / "f.zarr", "cams")
+    assert a.bundled and not b.bundled and b.attrs["seed"] == 7
+    for group in (None, "aux"):
+        assert a.ids(group) == b.ids(group) == ["im0", "im1", "im2"]
+        for image_id in a.ids(group):
+            (x, xa), (y, ya) = a.read_stored(image_id, group), b.read_stored(image_id, group)
+            assert x.dtype == y.dtype and np.array_equal(x, y) and xa == ya
+    assert (tmp_path / "f.zarr" / "im1" / "c.0.0.0").is_file()  # a folder per image
+    assert (tmp_path / "f.zarr" / "aux" / "im1" / "c.0.0.0").is_file()
+
+
+def test_store_layout_times_dvc_status_on_both_layouts_of_a_real_dvc_repo(tmp_path):
+    import subprocess
+
+    import store_layout
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "make.py").write_text(
+        "import numpy as np\n"
+        "from seco_cli.store import StoreWriter\n"
+        "for name in ('cams', 'pseudo', 'segment'):\n"
+        "    w = StoreWriter(f'artifacts/{name}.zarr', name, {}, per_bundle=4)\n"
+        "    for i in range(10):\n"
+        "        w.write(f'im{i}', np.full((3, 3), i + 1, np.uint8))\n"
+        "    w.finish()\n")
+    outs = "".join(f"      - artifacts/{n}.zarr\n" for n in ("cams", "pseudo", "segment"))
+    (repo / "dvc.yaml").write_text(f"stages:\n  make:\n    cmd: {sys.executable} make.py\n"
+                                   f"    deps:\n      - make.py\n    outs:\n{outs}")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True)
+    def listing() -> list[Path]:  # the repository's files, less DVC's own state
+        return sorted(p for p in repo.rglob("*") if ".dvc" not in p.relative_to(repo).parts)
+
+    lock, files = (repo / "dvc.lock").read_bytes(), listing()
+    r = store_layout.measure(repo, runs=1)
+    assert (repo / "dvc.lock").read_bytes() == lock and listing() == files
+    assert r["arrays"] == 30 and r["ratio"] > 0
+    assert set(r["median_s"]) == {"bundles", "folders"}
+    assert r["stores"]["bundles"]["cams.zarr"] == {"files": 6, "folders": 0}  # 3 bundles
+    assert r["stores"]["folders"]["cams.zarr"] == {"files": 23, "folders": 10}
+    (repo / "make.py").write_text((repo / "make.py").read_text() + "# changed\n")
+    with pytest.raises(RuntimeError, match="not up to date"):
+        store_layout.measure(repo, runs=1)
