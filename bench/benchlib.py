@@ -49,14 +49,33 @@ def git_revision(repo: Path = ROOT) -> str:
     return revision(repo, exclude=(*NOT_CODE, "bench/results"))
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _cpu_model(cpuinfo: str | None = None, capability: str | None = None) -> str:
+    """The CPU's name, and what tells two CPUs of one name apart: its family, model and
+    stepping, and the vector instructions torch's kernels use (``AVX512``, ``AVX2``, ...).
+    A virtual machine may report only ``AMD EPYC``: two of those (2026-12-02) trained the same
+    code and params to different weights, so a name alone does not identify a kind."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ident = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if k in fields]
+    if capability is None:
+        try:
+            import torch
+
+            capability = torch.backends.cpu.get_cpu_capability()
+        except (ImportError, AttributeError):
+            capability = None
+    ident += [capability] if capability else []
+    return f"{name} [{'; '.join(ident)}]" if ident else name
 
 
 def machine() -> dict[str, Any]:

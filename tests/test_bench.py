@@ -645,6 +645,29 @@ def test_machine_kind_keeps_what_decides_bitwise_repeats_and_drops_the_hosts_siz
     assert quality.machine_kind(here) is not None
 
 
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+
+processor\t: 1
+model name\t: something else
+"""
+
+
+def test_cpu_names_its_family_model_and_vector_kernels_so_two_of_one_name_differ():
+    zen4 = benchlib._cpu_model(ZEN4, "AVX512")
+    assert zen4 == "AMD EPYC [cpu family 25; model 17; stepping 1; AVX512]"
+    zen3 = benchlib._cpu_model(ZEN4.replace(": 17", ": 1"), "AVX2")
+    line = AMD.replace("AMD EPYC", zen4)
+    assert quality.machine_kind(line).startswith(zen4 + " · torch threads 2")
+    assert quality.machine_kind(line) != quality.machine_kind(AMD.replace("AMD EPYC", zen3))
+    assert quality.machine_kind(line) != quality.machine_kind(AMD)  # a run of the name alone
+    assert benchlib._cpu_model("", "AVX2").endswith(" [AVX2]")  # no /proc/cpuinfo
+
+
 def _stored_on(machines: dict[quality.RunSpec, str | None]) -> dict:
     results: dict = {"version": 1, "runs": {}}
     for spec, line in machines.items():
