@@ -10,6 +10,8 @@ compression), records both copies with ``dvc commit -f`` against one scratch cac
 is changed.
 
     python bench/store_layout.py              # needs an up-to-date workspace: dvc repro first
+
+It also times writing the workspace's CAMs (upscaled to VOC size) into each layout.
     python bench/store_layout.py --runs 9 --keep /tmp/layouts
 
 ``bench/speed.py``'s ``dvc`` part reports the same measurement as a row.
@@ -136,6 +138,46 @@ def measure(repo: Path = ROOT, runs: int = 5, keep: Path | None = None) -> dict[
     return result
 
 
+def measure_writes(repo: Path = ROOT, images: int = 150, upscale: int = 4,
+                   rounds: int = 3) -> dict[str, Any]:
+    """Milliseconds per image to write the first ``images`` CAMs of the workspace's
+    ``cams.zarr`` (each side ``upscale`` × larger: VOC-sized maps) as a store of bundles
+    (:class:`StoreWriter`, 8-bit levels) and in a folder per image (the writer before the
+    bundles: same levels and compression, attributes set after the data), alternately."""
+    from seco_cli.store import StoreWriter, quantise
+
+    reader = StoreReader(repo / "artifacts" / "cams.zarr", "cams")
+    cams = [(i, np.repeat(np.repeat(reader.read(i), upscale, -2), upscale, -1))
+            for i in reader.ids()[:images]]
+
+    def bundles(path: Path) -> None:
+        w = StoreWriter(path, "cams", {})
+        for image_id, cam in cams:
+            w.write(image_id, cam, {"labels": [1]}, dtype="uint8")
+        w.finish()
+
+    def folders(path: Path) -> None:
+        root = zarr.open_group(path, mode="w")
+        for image_id, cam in cams:
+            q = quantise(cam)
+            arr = root.create_array(
+                image_id, shape=q.shape, dtype=q.dtype, chunks=q.shape, fill_value=0,
+                compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+                chunk_key_encoding=_FOLDER_KEYS)
+            arr[...] = q
+            arr.attrs.update({"labels": [1], "divide_by": 255})
+
+    ms: dict[str, list[float]] = {"bundles": [], "folders": []}
+    with tempfile.TemporaryDirectory(prefix="seco-writes-") as tmp:
+        for k in range(rounds):
+            for name, write in (("bundles", bundles), ("folders", folders)):
+                start = time.perf_counter()
+                write(Path(tmp) / f"{name}-{k}.zarr")
+                ms[name].append(1000 * (time.perf_counter() - start) / len(cams))
+    return {"images": len(cams), "shape": list(cams[0][1].shape), "ms_per_image": ms,
+            "median_ms": {name: statistics.median(v) for name, v in ms.items()}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", type=Path, default=ROOT)
@@ -150,6 +192,11 @@ def main() -> None:
         print(f"{name:8s} stores: {files:5d} files, {folders:5d} folders; dvc status "
               f"{r['median_s'][name]:.2f} s median ({runs})")
     print(f"bundles ÷ folder per image: {r['ratio']:.2f} ({r['arrays']} arrays)")
+    w = measure_writes(args.repo)
+    for name in ("bundles", "folders"):
+        runs = ", ".join(f"{s:.2f}" for s in w["ms_per_image"][name])
+        print(f"{name:8s} writes: {w['median_ms'][name]:.2f} ms per CAM of {w['shape']} "
+              f"({runs}; {w['images']} CAMs)")
 
 
 if __name__ == "__main__":
