@@ -41,9 +41,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 import time
 import zipfile
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -61,6 +62,7 @@ _KIND_ATTR = "seco_store"
 SHARD_WAIT_S = 600.0  # how long shard i > 0 waits for shard 0 to create the store
 _POLL_S = 0.2
 ARRAYS_PER_BUNDLE = 256  # arrays (images, or an image's array in a sub-group) per bundle file
+OPEN_BUNDLES = 16  # bundles a reader keeps open (a COCO-sized store has hundreds)
 LAYOUT = "bundles"  # the ``layout`` attribute of a store of bundles (absent: folder per image)
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # every zip entry's time stamp: same arrays, same bytes
 FLOAT_DTYPES = ("uint8", "float16")  # how a float array may be stored (``StoreWriter.write``)
@@ -363,7 +365,9 @@ class StoreReader:
             )
         self.bundled = self.attrs.get("layout") == LAYOUT
         self._index: dict[str | None, dict[str, str]] | None = None
-        self._open: dict[str, Any] = {}
+        # the bundles open now, least recently read first: at most OPEN_BUNDLES file handles
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
 
     def _incomplete(self) -> str:
         what = f"artifact store '{self.path}' is incomplete"
@@ -424,9 +428,19 @@ class StoreReader:
         if image_id not in entries:
             raise KeyError(f"'{key}' is not in store '{self.path}'")
         bundle = entries[image_id]
-        if bundle not in self._open:
+        if bundle in self._open:
+            self._open.move_to_end(bundle)
+        else:
+            while len(self._open) >= OPEN_BUNDLES:
+                self._open.popitem(last=False)[1].store.close()
             self._open[bundle] = zarr.open_group(ZipStore(self.path / bundle, mode="r"), mode="r")
         return self._open[bundle][key]
+
+    def close(self) -> None:
+        """Close the bundles this reader has open (reading again reopens them)."""
+        with self._lock:
+            while self._open:
+                self._open.popitem(last=False)[1].store.close()
 
     def stored_bytes(self, group: str | None = None) -> tuple[int, int]:
         """(bytes on disk of the per-image arrays, metadata and zip headers included, number of
@@ -455,8 +469,9 @@ class StoreReader:
                     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The array and its attributes exactly as stored (8-bit levels stay uint8, with their
         ``divide_by`` attribute): for copying a store, not for computing with it."""
-        arr = self._array(image_id, group)
-        return arr[...], dict(arr.attrs)
+        with self._lock:  # a bundle is not closed under a read (readers may be shared by threads)
+            arr = self._array(image_id, group)
+            return arr[...], dict(arr.attrs)
 
     def read_with_attrs(self, image_id: str, group: str | None = None,
                         ) -> tuple[np.ndarray, dict[str, Any]]:

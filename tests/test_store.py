@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -277,3 +278,28 @@ def test_write_behind_failure_is_raised_and_leaves_the_store_incomplete(tmp_path
     assert not (path / COMPLETE).exists()
     with pytest.raises(MissingInputError):
         StoreReader(path, "cams")
+
+
+def test_a_reader_keeps_a_bounded_number_of_bundles_open(tmp_path: Path, monkeypatch):
+    """A COCO-sized store has hundreds of bundles; reading them all must not hold a file
+    handle each (a common limit is 1,024 per process)."""
+    import seco_cli.store as store
+
+    monkeypatch.setattr(store, "OPEN_BUNDLES", 3)
+    w = StoreWriter(tmp_path / "s.zarr", "masks", {}, per_bundle=2)
+    for i in range(20):
+        w.write(f"im{i:02d}", np.full((4, 4), i, np.uint8))
+    w.finish()
+    def open_bundles() -> int:  # this process's file handles on the store's bundles
+        fds = Path("/proc/self/fd")
+        links = [os.readlink(f) for f in fds.iterdir() if f.is_symlink()] if fds.is_dir() else []
+        return sum(link.endswith(".zip") and "s.zarr" in link for link in links)
+
+    r = StoreReader(tmp_path / "s.zarr", "masks")
+    for _ in range(2):  # twice over: evicted bundles reopen
+        for i, image_id in enumerate(r.ids()):
+            assert int(r.read(image_id)[0, 0]) == i
+            assert len(r._open) <= 3 and open_bundles() <= 3
+    assert len(r._open) == 3
+    r.close()
+    assert not r._open and open_bundles() == 0 and int(r.read("im07").max()) == 7
