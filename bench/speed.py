@@ -444,9 +444,7 @@ def part_dvc(ctx: Context) -> list[Row]:
 
 
 def _layout_row(r: dict[str, Any]) -> Row:
-    count = {name: (sum(c["files"] for c in stores.values()),
-                    sum(c["folders"] for c in stores.values()))
-             for name, stores in r["stores"].items()}
+    count = {name: (t["files"], t["folders"]) for name, t in r["totals"].items()}
     return row("dvc", "`dvc status` (nothing changed), the stores in bundles ÷ the same "
                f"{r['arrays']} arrays in a folder per image (the layout before), copies of this "
                f"workspace, median of {r['runs']} alternated runs; store files / folders "

@@ -10,9 +10,9 @@ compression), records both copies with ``dvc commit -f`` against one scratch cac
 is changed.
 
     python bench/store_layout.py              # needs an up-to-date workspace: dvc repro first
+    python bench/store_layout.py --runs 9 --keep /tmp/layouts
 
 It also times writing the workspace's CAMs (upscaled to VOC size) into each layout.
-    python bench/store_layout.py --runs 9 --keep /tmp/layouts
 
 ``bench/speed.py``'s ``dvc`` part reports the same measurement as a row.
 """
@@ -34,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import numpy as np  # noqa: E402
 import zarr  # noqa: E402
-from zarr.codecs import BloscCodec  # noqa: E402
 
-from seco_cli.store import COMPLETE, StoreReader  # noqa: E402
+from seco_cli.store import COMPLETE, StoreReader, compressor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STORES = ("cams.zarr", "pseudo.zarr", "segment.zarr")
@@ -56,12 +55,11 @@ def write_folder_layout(src: Path, dst: Path) -> int:
         parent = root if where is None else root[where]
         for image_id in reader.ids(where):
             array, attrs = reader.read_stored(image_id, where)
-            shuffle = "bitshuffle" if array.dtype == np.uint8 else "shuffle"
             arr = parent.create_array(
                 image_id, shape=array.shape, dtype=array.dtype,
                 chunks=tuple(max(1, d) for d in array.shape), fill_value=0,
-                compressors=BloscCodec(cname="zstd", clevel=5, shuffle=shuffle),
-                chunk_key_encoding=_FOLDER_KEYS, attributes=attrs)
+                compressors=compressor(array.dtype), chunk_key_encoding=_FOLDER_KEYS,
+                attributes=attrs)
             arr[...] = array
             count += 1
     root.attrs.update({k: v for k, v in reader.attrs.items() if k != "layout"})
@@ -132,6 +130,8 @@ def measure(repo: Path = ROOT, runs: int = 5, keep: Path | None = None) -> dict[
         "stores": {name: {store: _counts(copy / "artifacts" / store) for store in STORES}
                    for name, copy in copies.items()},
     }
+    result["totals"] = {name: {k: sum(c[k] for c in stores.values()) for k in ("files", "folders")}
+                        for name, stores in result["stores"].items()}
     result["ratio"] = result["median_s"]["bundles"] / result["median_s"]["folders"]
     if keep is None:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -162,8 +162,7 @@ def measure_writes(repo: Path = ROOT, images: int = 150, upscale: int = 4,
             q = quantise(cam)
             arr = root.create_array(
                 image_id, shape=q.shape, dtype=q.dtype, chunks=q.shape, fill_value=0,
-                compressors=BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
-                chunk_key_encoding=_FOLDER_KEYS)
+                compressors=compressor(q.dtype), chunk_key_encoding=_FOLDER_KEYS)
             arr[...] = q
             arr.attrs.update({"labels": [1], "divide_by": 255})
 
@@ -186,8 +185,7 @@ def main() -> None:
     args = ap.parse_args()
     r = measure(args.repo, args.runs, args.keep)
     for name in ("bundles", "folders"):
-        files = sum(c["files"] for c in r["stores"][name].values())
-        folders = sum(c["folders"] for c in r["stores"][name].values())
+        files, folders = r["totals"][name]["files"], r["totals"][name]["folders"]
         runs = ", ".join(f"{s:.2f}" for s in r["seconds"][name])
         print(f"{name:8s} stores: {files:5d} files, {folders:5d} folders; dvc status "
               f"{r['median_s'][name]:.2f} s median ({runs})")

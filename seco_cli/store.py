@@ -142,6 +142,13 @@ def input_stamp(path: str | Path) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
+def compressor(dtype: Any) -> BloscCodec:
+    """The codec every stored array is compressed with: Blosc zstd level 5, bit-shuffled for
+    uint8 (CAM levels, masks), byte-shuffled otherwise."""
+    shuffle = "bitshuffle" if np.dtype(dtype) == np.uint8 else "shuffle"
+    return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle)
+
+
 def _bundle_name(shard: int, num_shards: int, k: int) -> str:
     return f"bundle-{shard}-of-{num_shards}-{k:05d}.zip"
 
@@ -168,11 +175,10 @@ class _Bundle:
 
     def add(self, key: str, array: np.ndarray, attrs: dict[str, Any]) -> None:
         entries: dict[str, Any] = {}
-        compressor = BloscCodec(cname="zstd", clevel=5,
-                                shuffle="bitshuffle" if array.dtype == np.uint8 else "shuffle")
         arr = zarr.create_array(
             MemoryStore(entries), shape=array.shape, dtype=array.dtype,
-            chunks=tuple(max(1, d) for d in array.shape), compressors=compressor, fill_value=0,
+            chunks=tuple(max(1, d) for d in array.shape), compressors=compressor(array.dtype),
+            fill_value=0,
             attributes=attrs,
         )
         arr[...] = array

@@ -962,6 +962,8 @@ def test_store_layout_times_dvc_status_on_both_layouts_of_a_real_dvc_repo(tmp_pa
     assert set(r["median_s"]) == {"bundles", "folders"}
     assert r["stores"]["bundles"]["cams.zarr"] == {"files": 6, "folders": 0}  # 3 bundles
     assert r["stores"]["folders"]["cams.zarr"] == {"files": 23, "folders": 10}
+    assert r["totals"] == {"bundles": {"files": 18, "folders": 0},
+                           "folders": {"files": 69, "folders": 30}}
     w = store_layout.measure_writes(repo, images=3, upscale=2, rounds=1)
     assert w["images"] == 3 and w["shape"] == [6, 6] and min(w["median_ms"].values()) > 0
     (repo / "make.py").write_text((repo / "make.py").read_text() + "# changed\n")
