@@ -6,7 +6,9 @@ Each (preset, seed) is one named experiment, ``dvc exp run --temp`` (run in a te
 of the repository: the workspace's params.yaml, dvc.lock and artifacts are not touched, which
 is checked around every run). Results are appended to a JSON file keyed by (dataset, profile,
 preset, seed, params hash) after each run, so an interrupted bench resumes where it stopped;
-an experiment that finished but was not yet recorded is read back from ``dvc exp show``.
+an experiment that finished but was not yet recorded is read back from ``dvc exp show``, and
+what a killed experiment left behind (its temporary copy, listed as running for good) is
+cleared before its name runs again.
 The copy holds the workspace as it is (commits and uncommitted changes of tracked files), and
 its stage commands import that copy's code (``PYTHONPATH=.``), not whatever ``seco`` is
 installed: commit first for a clean provenance, and do not edit the repository meanwhile.
@@ -52,6 +54,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -86,6 +89,11 @@ SCHEDULE_KEYS = ("warmup_iters", "proto_start", "contrast_start", "cam2mask", "s
 METRICS = "artifacts/metrics/evaluate.json"
 LIVE = "artifacts/train/live/metrics.json"
 REPORT = "artifacts/plots/report.json"  # the evaluate stage's full report (per-class rows)
+# ``dvc exp show --json``: executor states of an experiment that has not finished, and DVC's
+# TaskStatus.SUCCESS in an executor record (``.run`` file; earlier values: pending, preparing,
+# running)
+UNFINISHED_STATES = ("queued", "running", "failed")
+DVC_TASK_SUCCESS = 3
 
 
 # --------------------------------------------------------------------------- what to run
@@ -223,10 +231,17 @@ def exp_show(repo: Path) -> list[dict[str, Any]]:
 
 
 def find_experiment(show: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    """The experiment called ``name`` in ``dvc exp show --json`` output: its rev, time,
-    evaluate.json and training metrics; None when absent or without metrics."""
+    """The finished experiment called ``name`` in ``dvc exp show --json`` output: its rev,
+    time, evaluate.json and training metrics; None when there is none with metrics.
+
+    An attempt killed mid-run stays listed under the same name, as "running" with no metrics
+    (DVC cannot tell that its process is gone, see :func:`clear_stale_attempts`), beside the
+    run that later finished: such entries, failed ones and entries without metrics are passed
+    over, not taken for the answer."""
     for baseline in show:
         for exp in baseline.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") in UNFINISHED_STATES:
+                continue
             for rev in exp.get("revs") or []:
                 if rev.get("name") != name:
                     continue
@@ -234,12 +249,66 @@ def find_experiment(show: list[dict[str, Any]], name: str) -> dict[str, Any] | N
                 metrics = data.get("metrics") or {}
                 evaluate = (metrics.get(METRICS) or {}).get("data")
                 if rev.get("error") or not evaluate:
-                    return None
+                    continue
                 params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
                 return {"exp_rev": rev.get("rev"), "exp_time": data.get("timestamp"),
                         "metrics": evaluate, "train": (metrics.get(LIVE) or {}).get("data"),
                         "params_ran": params}
     return None
+
+
+def processes_in(path: Path) -> list[int] | None:
+    """Ids of the live processes whose working directory is ``path`` or below it (a stage
+    command of an experiment runs in its temporary copy); None where ``/proc`` cannot tell."""
+    proc = Path("/proc")
+    if not (proc / "self" / "cwd").exists():
+        return None
+    path = path.resolve()
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if cwd == path or path in cwd.parents:
+            pids.append(int(entry.name))
+    return pids
+
+
+def clear_stale_attempts(repo: Path, names: set[str]) -> list[str]:
+    """Removes what a killed ``dvc exp run --temp`` of one of ``names`` left behind: its
+    temporary copy of the workspace under ``.dvc/tmp/exps/standalone`` (the whole workspace,
+    artifacts included) and its executor records, which keep it listed by ``dvc exp show``
+    as running for good (DVC records no process id for a temporary-copy run, and ``dvc exp
+    remove`` does not take it). Only attempts that never finished (status before success)
+    and whose copy no live process works in; nothing where ``/proc`` is missing. Returns
+    the names cleared (an attempt can be cleared only when DVC's records are in the layout
+    of DVC 3: otherwise nothing is touched and :func:`find_experiment` still passes it by)."""
+    standalone = repo / ".dvc" / "tmp" / "exps" / "standalone"
+    cleared = []
+    for info in sorted(standalone.glob("run/*/*.run")):
+        try:
+            rec = json.loads(info.read_text())
+            status, name, root = int(rec["status"]), rec["name"], Path(rec["root_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if name not in names or status >= DVC_TASK_SUCCESS or root.parent != standalone:
+            continue
+        busy = processes_in(root) if root.exists() else []
+        if busy is None:
+            continue
+        if busy:
+            print(f"note: an earlier attempt of {name} still has processes working in {root} "
+                  f"(pid {', '.join(map(str, busy))}); stop them and run the bench again to "
+                  "clear it", flush=True)
+            continue
+        stash_rev = info.parent.name
+        for path in (root, info.parent, repo / ".dvc" / "tmp" / "exps" / "run" / stash_rev):
+            shutil.rmtree(path, ignore_errors=True)
+        cleared.append(name)
+    return cleared
 
 
 def exp_classes(repo: Path, exp_rev: str | None) -> dict[str, dict[str, float | None]] | None:
@@ -679,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
               "stored ones are kept), or --mixed-machines to reuse them in a table marked "
               "mixed.", file=sys.stderr)
         return 2
+    if todo:  # a killed run leaves its temporary copy and a "running" entry behind
+        for name in clear_stale_attempts(repo, {s.name for s in todo}):
+            print(f"cleared what a killed attempt of {name} left behind (its temporary copy "
+                  "of the workspace and DVC's record of it running)")
     if todo:  # finished earlier but not recorded (interrupted between run and record)
         show = exp_show(repo)
         for s in list(todo):

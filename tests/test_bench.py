@@ -430,6 +430,95 @@ def test_find_experiment_reads_dvc_exp_show_json():
     assert quality.find_experiment(show, "q-missing") is None
 
 
+def test_find_experiment_passes_over_a_killed_attempt_of_the_same_name():
+    # a killed ``dvc exp run --temp`` stays listed as running, without metrics, before the
+    # attempt that later finished under the same name (DVC 3's ``exp show --json``)
+    evaluate = {"cams": {"miou": 0.5}}
+    killed = {"executor": {"state": "running", "name": "tempdir", "local": None}, "name": "q-a",
+              "revs": [{"rev": "stash", "name": "q-a", "error": None, "data": {
+                  "rev": "workspace", "metrics": {quality.METRICS: {"error": {"msg": "none"}}}}}]}
+    failed = {"executor": {"state": "failed"}, "name": "q-a",
+              "revs": [{"rev": "f", "name": "q-a", "error": None, "data": {
+                  "metrics": {quality.METRICS: {"data": {"cams": {"miou": 0.1}}}}}}]}
+    done = {"executor": None, "name": "q-a",
+            "revs": [{"rev": "e1", "name": "q-a", "error": None, "data": {
+                "timestamp": "t", "metrics": {quality.METRICS: {"data": evaluate}}}}]}
+    show = [{"rev": "abc", "experiments": [killed, failed, done]}]
+    assert quality.find_experiment(show, "q-a")["exp_rev"] == "e1"
+    assert quality.find_experiment([{"rev": "abc", "experiments": [killed, failed]}],
+                                   "q-a") is None
+
+
+def test_a_killed_experiment_is_cleared_and_its_name_runs_again(tmp_path, capsys):
+    """On a real DVC repository: kill ``dvc exp run --temp`` mid-stage, as an interrupted
+    bench does, then resume: the leftover "running" entry and temporary copy are cleared only
+    once no process works in the copy, and the rerun's metrics are found under the name."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def sh(*cmd):
+        return subprocess.run(cmd, cwd=repo, check=True, capture_output=True, text=True).stdout
+
+    sh("git", "init", "-q")
+    sh("git", "config", "user.email", "t@example.com")
+    sh("git", "config", "user.name", "t")
+    sh("dvc", "init", "-q")
+    started = tmp_path / "started"
+    code = (f"import json, os, time, yaml; open({str(started)!r}, 'w').write(str(os.getpid())); "
+            "time.sleep(yaml.safe_load(open('params.yaml'))['x']); "
+            "os.makedirs('artifacts/metrics', exist_ok=True); "
+            "json.dump({'cams': {'miou': 0.5}}, open(" + repr(quality.METRICS) + ", 'w'))")
+    (repo / "params.yaml").write_text("x: 0\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"s": {
+        "cmd": f"{sys.executable} -c \"{code}\"", "params": ["x"],
+        "metrics": [{quality.METRICS: {"cache": False}}]}}}))
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "init")
+    name = "q-synthetic-bench-seco-s1-abc"
+    run = subprocess.Popen(["dvc", "exp", "run", "--temp", "-n", name, "-S", "x=120"], cwd=repo,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    for _ in range(600):
+        if started.exists() and started.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        run.kill()
+        pytest.fail("the experiment's stage did not start")
+    stage_pid = int(started.read_text())
+    run.kill()  # dvc only: its stage command goes on in the temporary copy
+    run.wait()
+    standalone = repo / ".dvc" / "tmp" / "exps" / "standalone"
+    copies = [p for p in standalone.iterdir() if p.name.startswith("tmp")]
+    assert len(copies) == 1
+    entries = [e for b in quality.exp_show(repo) for e in b.get("experiments") or []]
+    assert [(e["name"], e["executor"]["state"]) for e in entries] == [(name, "running")]
+    # still in use: left alone, with a note
+    assert quality.clear_stale_attempts(repo, {name}) == []
+    assert f"still has processes working in {copies[0]}" in capsys.readouterr().out
+    assert copies[0].exists()
+    os.kill(stage_pid, signal.SIGKILL)
+    for _ in range(100):
+        if not quality.processes_in(copies[0]):
+            break
+        time.sleep(0.05)
+    assert quality.clear_stale_attempts(repo, {"another-name"}) == []  # not ours: kept
+    assert quality.clear_stale_attempts(repo, {name}) == [name]
+    assert not copies[0].exists() and not list(standalone.glob("run/*"))
+    assert not [e for b in quality.exp_show(repo) for e in b.get("experiments") or []]
+    sh("dvc", "exp", "run", "--temp", "-n", name, "-S", "x=0")
+    found = quality.find_experiment(quality.exp_show(repo), name)
+    assert found is not None and found["metrics"] == {"cams": {"miou": 0.5}}
+    assert found["params_ran"] == {"x": 0}
+
+
 def test_dvc_set_args_replace_mappings_like_seco_set():
     args = quality.dvc_set_args(["train.seed=1", "model.backbone_kwargs={}",
                                  "model.backbone_kwargs={img_size: 48}", "prepare.splits=[a, b]"])
