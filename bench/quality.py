@@ -55,6 +55,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -398,6 +399,25 @@ def stages_of_log(text: str) -> dict[str, list[str]]:
     return {"stages_run": ran, "stages_cached": cached}
 
 
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """Stops the process group that ``proc`` leads: SIGTERM, then SIGKILL after ``grace``
+    seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _interrupt_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_experiment(repo: Path, spec: RunSpec, log: Path) -> float:
     """``dvc exp run --temp`` of one spec (stage commands import this repository's code:
     PYTHONPATH=. in the temporary copy); seconds taken. Raises when it fails or when the
@@ -411,15 +431,23 @@ def run_experiment(repo: Path, spec: RunSpec, log: Path) -> float:
     with log.open("w") as out:
         out.write(shlex.join(cmd) + "\n")
         out.flush()
-        done = subprocess.run(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # its own process group, stopped with the bench: a bench stopped by a signal leaves
+        # no experiment running on behind it (DVC and its stage commands)
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            proc.wait()
+        except BaseException:
+            stop_group(proc)
+            raise
     seconds = time.perf_counter() - start
     if fingerprint(repo) != before:
         raise SystemExit(f"error: the workspace of {repo} changed during experiment {spec.name} "
                          "(params.yaml, dvc.lock, dvc.yaml, HEAD or artifacts/); stopping. Was "
                          "another dvc command running in it?")
-    if done.returncode:
+    if proc.returncode:
         tail = log.read_text().strip().splitlines()[-3:]
-        raise RuntimeError(f"exit {done.returncode}: {' | '.join(tail)} (log: {log}; an "
+        raise RuntimeError(f"exit {proc.returncode}: {' | '.join(tail)} (log: {log}; an "
                            f"experiment of this name may need `dvc exp remove {spec.name}`)")
     return seconds
 
@@ -794,4 +822,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `kill` stops the bench as Ctrl-C does: with the experiment it runs (run_experiment)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     sys.exit(main())

@@ -449,14 +449,11 @@ def test_find_experiment_passes_over_a_killed_attempt_of_the_same_name():
                                    "q-a") is None
 
 
-def test_a_killed_experiment_is_cleared_and_its_name_runs_again(tmp_path, capsys):
-    """On a real DVC repository: kill ``dvc exp run --temp`` mid-stage, as an interrupted
-    bench does, then resume: the leftover "running" entry and temporary copy are cleared only
-    once no process works in the copy, and the rerun's metrics are found under the name."""
-    import os
-    import signal
+def _sleepy_dvc_repo(tmp_path: Path):
+    """A git + DVC repository whose one stage writes its pid to ``started`` (outside the
+    repository), sleeps ``x`` seconds (params.yaml), then writes the bench's metrics file;
+    returns (repo, started, sh)."""
     import subprocess
-    import time
 
     import yaml
 
@@ -481,22 +478,52 @@ def test_a_killed_experiment_is_cleared_and_its_name_runs_again(tmp_path, capsys
         "metrics": [{quality.METRICS: {"cache": False}}]}}}))
     sh("git", "add", "-A")
     sh("git", "commit", "-qm", "init")
+    return repo, started, sh
+
+
+def _stage_pid(started: Path, proc) -> int:
+    import time
+
+    for _ in range(600):
+        if started.exists() and started.read_text():
+            return int(started.read_text())
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail("the experiment's stage did not start")
+
+
+def _wait_until(cond, seconds: float = 10.0) -> bool:
+    import time
+
+    for _ in range(int(seconds / 0.05)):
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def _temp_copies(repo: Path) -> list[Path]:
+    standalone = repo / ".dvc" / "tmp" / "exps" / "standalone"
+    return [p for p in standalone.iterdir() if p.name.startswith("tmp")]
+
+
+def test_a_killed_experiment_is_cleared_and_its_name_runs_again(tmp_path, capsys):
+    """On a real DVC repository: kill ``dvc exp run --temp`` mid-stage, then resume: the
+    leftover "running" entry and temporary copy are cleared only once no process works in
+    the copy, and the rerun's metrics are found under the name."""
+    import os
+    import signal
+    import subprocess
+
+    repo, started, sh = _sleepy_dvc_repo(tmp_path)
     name = "q-synthetic-bench-seco-s1-abc"
     run = subprocess.Popen(["dvc", "exp", "run", "--temp", "-n", name, "-S", "x=120"], cwd=repo,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            start_new_session=True)
-    for _ in range(600):
-        if started.exists() and started.read_text():
-            break
-        time.sleep(0.1)
-    else:
-        run.kill()
-        pytest.fail("the experiment's stage did not start")
-    stage_pid = int(started.read_text())
+    stage_pid = _stage_pid(started, run)
     run.kill()  # dvc only: its stage command goes on in the temporary copy
     run.wait()
-    standalone = repo / ".dvc" / "tmp" / "exps" / "standalone"
-    copies = [p for p in standalone.iterdir() if p.name.startswith("tmp")]
+    copies = _temp_copies(repo)
     assert len(copies) == 1
     entries = [e for b in quality.exp_show(repo) for e in b.get("experiments") or []]
     assert [(e["name"], e["executor"]["state"]) for e in entries] == [(name, "running")]
@@ -505,18 +532,51 @@ def test_a_killed_experiment_is_cleared_and_its_name_runs_again(tmp_path, capsys
     assert f"still has processes working in {copies[0]}" in capsys.readouterr().out
     assert copies[0].exists()
     os.kill(stage_pid, signal.SIGKILL)
-    for _ in range(100):
-        if not quality.processes_in(copies[0]):
-            break
-        time.sleep(0.05)
+    assert _wait_until(lambda: not quality.processes_in(copies[0]))
     assert quality.clear_stale_attempts(repo, {"another-name"}) == []  # not ours: kept
     assert quality.clear_stale_attempts(repo, {name}) == [name]
-    assert not copies[0].exists() and not list(standalone.glob("run/*"))
+    assert not _temp_copies(repo) and not list(repo.glob(".dvc/tmp/exps/standalone/run/*"))
     assert not [e for b in quality.exp_show(repo) for e in b.get("experiments") or []]
     sh("dvc", "exp", "run", "--temp", "-n", name, "-S", "x=0")
     found = quality.find_experiment(quality.exp_show(repo), name)
     assert found is not None and found["metrics"] == {"cams": {"miou": 0.5}}
     assert found["params_ran"] == {"x": 0}
+
+
+def test_a_bench_stopped_by_a_signal_stops_its_experiment(tmp_path):
+    """``kill <bench>`` (SIGTERM) mid-experiment: the bench stops DVC and the stage command
+    with it (their own process group), so nothing runs on behind it, and a resumed bench
+    can clear the attempt."""
+    import os
+    import signal
+    import subprocess
+
+    repo, started, _ = _sleepy_dvc_repo(tmp_path)
+    spec = quality.RunSpec("synthetic", "bench", "seco", 1, ("x=120",), "abc123")
+    script = (f"import signal, sys; sys.path.insert(0, {str(benchlib.ROOT / 'bench')!r}); "
+              "from pathlib import Path; import quality; "
+              "signal.signal(signal.SIGTERM, quality._interrupt_on_sigterm); "
+              f"quality.run_experiment(Path({str(repo)!r}), quality.{spec!r}, "
+              f"Path({str(tmp_path / 'exp.log')!r}))")
+    bench = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    stage_pid = _stage_pid(started, bench)
+    bench.send_signal(signal.SIGTERM)
+    _, err = bench.communicate(timeout=60)
+    assert bench.returncode != 0 and "KeyboardInterrupt" in err
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    assert _wait_until(lambda: gone(stage_pid))
+    (copy,) = _temp_copies(repo)
+    assert _wait_until(lambda: quality.processes_in(copy) == [])
+    assert quality.clear_stale_attempts(repo, {spec.name}) == [spec.name]
+    assert not _temp_copies(repo)
 
 
 def test_dvc_set_args_replace_mappings_like_seco_set():
