@@ -303,6 +303,77 @@ def class_table(runs: Sequence[dict[str, Any]], src: str) -> str | None:
     return md_table(["preset · seed", *names], rows)
 
 
+FULL = "fully_supervised"  # the ceiling of the headroom table
+
+
+def coupled_classes(pairs: Sequence[str]) -> list[str]:
+    """The classes of the co-occurring pairs (victims and partners), background left out."""
+    names = dict.fromkeys(c for q in pairs for c in q.split("/", 1))
+    return [c for c in names if c != "background"]
+
+
+def headroom(runs: Sequence[dict[str, Any]], pairs: Sequence[str], src: str = SEG
+             ) -> dict[str, dict[str, Any]] | None:
+    """Per weakly supervised preset, its gap to the fully supervised preset (per-class IoU
+    of ``src``, means over each preset's runs) split into what every class loses and what
+    co-occurrence adds: the uncoupled classes' mean gap (neither victim nor partner of a
+    pair, background left out) is taken as what weak labels cost a class anyway; each
+    coupled class's gap beyond it (none when below) is co-occurrence's share, and their sum
+    over the classes of the mean is the most a perfect fix of co-occurrence could add to the
+    preset's mIoU. None without fully supervised runs, uncoupled classes or per-class IoU.
+
+    preset → ``gap`` (mIoU points × 1/100), ``floor``, ``excess`` (class → gap beyond the
+    floor), ``bound`` (Σ excess ÷ classes), ``runs``."""
+    per: dict[str, list[dict[str, float]]] = {}
+    for r in runs:
+        ious = (r.get("classes") or {}).get(src)
+        if ious:
+            per.setdefault(r["preset"], []).append(ious)
+    if FULL not in per:
+        return None
+    names = list(dict.fromkeys(c for ious in per[FULL] for c in ious))
+    coupled = [c for c in coupled_classes(pairs) if c in names]
+    free = [c for c in names if c not in coupled and c != "background"]
+    if not coupled or not free:
+        return None
+
+    def means(preset: str) -> dict[str, float | None]:
+        return {c: mean_spread(i.get(c) for i in per[preset])[0] for c in names}
+
+    full = means(FULL)
+    out = {}
+    for preset in _presets(per):
+        if preset == FULL:
+            continue
+        weak = means(preset)
+        gap = {c: None if full[c] is None or weak[c] is None else full[c] - weak[c]
+               for c in names}
+        if any(v is None for v in gap.values()):
+            continue
+        floor = statistics.fmean(gap[c] for c in free)
+        excess = {c: max(0.0, gap[c] - floor) for c in coupled}
+        out[preset] = {"gap": statistics.fmean(gap.values()), "floor": floor,
+                       "excess": excess, "bound": sum(excess.values()) / len(names),
+                       "runs": len(per[preset])}
+    return out or None
+
+
+def headroom_table(runs: Sequence[dict[str, Any]], pairs: Sequence[str]) -> str | None:
+    """:func:`headroom` as a table (points)."""
+    room = headroom(runs, pairs)
+    if not room:
+        return None
+    coupled = list(next(iter(room.values()))["excess"])
+    rows = [[p, r["runs"], _pts(r["gap"]), _pts(r["floor"]),
+             *(_pts(r["excess"][c]) for c in coupled), _pts(r["bound"])]
+            for p, r in room.items()]
+    return md_table(["preset", "runs", "mIoU gap to fully supervised",
+                     "uncoupled classes' mean gap (what weak labels cost any class)",
+                     *(f"{c}: gap beyond it" for c in coupled),
+                     "co-occurrence's share of the mIoU gap (the most a perfect fix adds)"],
+                    rows)
+
+
 def precision_table(agg: dict[str, dict[str, Stat]]) -> str:
     """Precision, recall (points) and FP/TP (ratio) of CAM seeds, pseudo masks, segmentation."""
     srcs = ("cams", "pseudo", SEG)
@@ -478,6 +549,10 @@ def render(runs: Sequence[dict[str, Any]], header: str = "") -> str:
         per_class = class_table(runs, src)
         if per_class:
             parts += [f"\n## IoU per class, {SOURCES[src]} (points, each run)\n\n", per_class]
+    room = headroom_table(runs, pairs)
+    if room:
+        parts += ["\n## Headroom: the gap to fully supervised, and co-occurrence's share of "
+                  f"it ({SOURCES[SEG]}, points, per-class means over seeds)\n\n", room]
     parts += ["\n## Training statistics, last logged window (the analysis' evidence)\n\n",
               training_table(agg)]
     sources = source_table(runs)

@@ -150,6 +150,40 @@ def test_quality_markdown_has_every_table_and_preset_in_order():
     assert qr.render([], "# h\n").endswith("No finished run yet.\n")
 
 
+def _with_classes(run: dict, ious: dict) -> dict:
+    run["classes"] = {qr.SEG: ious}
+    return run
+
+
+def test_headroom_splits_the_gap_to_fully_supervised_into_all_classes_and_co_occurrence():
+    # pairs boat/background and horse/person: coupled boat, horse, person; uncoupled car
+    names = ["background", "boat", "horse", "person", "car"]
+    full = [_with_classes(_run("fully_supervised", s, 0.9), dict.fromkeys(names, 0.9))
+            for s in (0, 1)]
+    base = [_with_classes(_run("baseline", 0, 0.5), {"background": 0.88, "boat": 0.65,
+                                                    "horse": 0.85, "person": 0.7, "car": 0.8}),
+            _with_classes(_run("baseline", 1, 0.5), {"background": 0.88, "boat": 0.55,
+                                                    "horse": 0.85, "person": 0.7, "car": 0.8})]
+    no_classes = _run("seco", 0, 0.5)  # stored before per-class IoU: left out
+    runs = [*full, *base, no_classes]
+    room = qr.headroom(runs, qr.pair_names(runs))
+    assert list(room) == ["baseline"]
+    b = room["baseline"]
+    # gaps: background .02, boat .30 (mean of .25, .35), horse .05, person .20, car .10
+    assert b["floor"] == pytest.approx(0.10)
+    assert b["excess"] == pytest.approx({"boat": 0.20, "horse": 0.0, "person": 0.10})
+    assert b["bound"] == pytest.approx(0.30 / 5) and b["gap"] == pytest.approx(0.134)
+    assert b["runs"] == 2
+    text = qr.render(runs, "")
+    table = text.split("## Headroom")[1].split("\n## ")[0]
+    assert "| baseline | 2 | 13.4 | 10.0 | 20.0 | 0.0 | 10.0 | 6.0 |" in table
+    # without fully supervised runs, or without an uncoupled class: no table
+    assert qr.headroom(base, qr.pair_names(runs)) is None and "## Headroom" not in qr.render(base)
+    only = [_with_classes(r, {k: v for k, v in r["classes"][qr.SEG].items() if k != "car"})
+            for r in [*full, *base]]
+    assert qr.headroom(only, qr.pair_names(only)) is None
+
+
 def test_per_seed_table_shows_each_runs_miou_and_only_with_several_seeds():
     runs = [_run("seco", 0, 0.5, cams=0.3), _run("baseline", 0, 0.4), _run("baseline", 1, 0.42)]
     table = qr.render(runs, "").split("## Per seed")[1].split("\n## ")[0]
