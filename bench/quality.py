@@ -579,15 +579,26 @@ def run_command(argv: list[str]) -> str:
 
 
 # --------------------------------------------------------------------------- params drift
+def command_overrides(overrides: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """A run's overrides without those the bench profile derives from params.yaml (its
+    scaled schedule: ``train.iterations`` and each start): what the command itself fixed.
+    Those derived values move whenever params.yaml's schedule moves, or a start joins the
+    scaled keys, and the command stays the same."""
+    derived = {"train.iterations", *(f"train.{k}" for k in SCHEDULE_KEYS)}
+    return tuple(o for o in overrides if o.partition("=")[0] not in derived)
+
+
 def stand_in(results: dict[str, Any], spec: RunSpec) -> dict[str, Any] | None:
     """The latest stored run of the same command — dataset, profile, preset, seed and the
-    very same overrides — made under other params than ``spec`` resolves to now (params.yaml
-    or the params model changed since). ``--report-only`` renders it, flagged; a bench run
-    re-runs it."""
+    same overrides, the bench schedule's derived ones aside (:func:`command_overrides`) —
+    made under other params than ``spec`` resolves to now (params.yaml or the params model
+    changed since). ``--report-only`` renders it, flagged, with the params that differ; a
+    bench run re-runs it."""
+    want = (spec.dataset, spec.profile, spec.preset, spec.seed,
+            command_overrides(spec.overrides))
     same = [r for r in results.get("runs", {}).values()
             if (r.get("dataset"), r.get("profile"), r.get("preset"), r.get("seed"),
-                tuple(r.get("overrides") or ())) ==
-            (spec.dataset, spec.profile, spec.preset, spec.seed, spec.overrides)]
+                command_overrides(r.get("overrides") or ())) == want]
     return max(same, key=lambda r: r.get("recorded") or "", default=None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -975,6 +976,14 @@ def test_report_only_renders_runs_of_the_same_command_under_older_params_and_fla
     assert quality.stand_in(results, specs[0])["recorded"] == "2026-01-02"  # the latest
     assert quality.stand_in(results, specs[1]) is results["runs"][specs[1].key]
     assert quality.stand_in(results, _spec("seco", 0)) is None
+    # the bench schedule's derived overrides moved (a start joined the scaled keys): the same
+    # command still
+    moved = dataclasses.replace(specs[1], overrides=(*specs[1].overrides,
+                                                     "train.iterations=750",
+                                                     "train.cam_select_start=250"))
+    assert quality.stand_in(results, moved) is results["runs"][specs[1].key]
+    assert quality.stand_in(results, dataclasses.replace(
+        moved, overrides=(*moved.overrides, "train.lr=0.1"))) is None  # a --set of its own
     path = tmp_path / "q.json"
     benchlib.write_json(path, results)
     argv = ["--presets", "baseline,seco", "--seeds", "0", "--results", str(path)]
