@@ -835,4 +835,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # `kill` stops the bench as Ctrl-C does: with the experiment it runs (run_experiment)
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: the runs recorded so far are kept; the same command resumes",
+              file=sys.stderr)
+        sys.exit(130)
